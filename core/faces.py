@@ -134,8 +134,10 @@ class RetinaFaceDetector:
         self._lock = threading.Lock()
 
     def detect(self, rgb: np.ndarray) -> list[tuple[np.ndarray, float, np.ndarray]]:
+        import torch
+
         bgr = np.ascontiguousarray(rgb[:, :, ::-1])
-        with self._lock:
+        with self._lock, torch.no_grad():
             dets = self._net.detect_faces(bgr, conf_threshold=0.5)
         return [(d[:4].astype(np.float32), float(d[4]), d[5:15].reshape(5, 2).astype(np.float32))
                 for d in np.asarray(dets).reshape(-1, 15)]

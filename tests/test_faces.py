@@ -146,3 +146,23 @@ def test_faces_command_bad_file_is_one_line_error(tmp_path):
     assert result.returncode == 2
     assert result.stderr.strip().count("\n") == 0 and "not an image" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_retinaface_loads_from_a_weights_folder_without_downloading(tmp_path):
+    """The facexlib path: weights present in the folder -> no download, the detector runs.
+
+    The weights here are random (the real file cannot be downloaded in tests), so this checks the
+    loading and output plumbing, not detection quality.
+    """
+    from facexlib.detection.retinaface import RetinaFace
+
+    from core.faces import RetinaFaceDetector, make_detector
+
+    net = RetinaFace(network_name="resnet50", half=False, device="cpu")
+    torch.save(net.state_dict(), tmp_path / RetinaFaceDetector.weights_file)
+    detector = make_detector(FaceConfig(facexlib_dir=str(tmp_path)))
+    assert isinstance(detector, RetinaFaceDetector)
+    for box, score, points in detector.detect(face_photo()[:128, :128]):
+        assert box.shape == (4,) and points.shape == (5, 2) and 0 <= score <= 1
+    with pytest.raises(ModelLoadError, match="detection_Resnet50_Final"):
+        RetinaFaceDetector(str(tmp_path / "empty"))
