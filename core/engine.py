@@ -1,0 +1,397 @@
+"""The shared inference core: one model per process, serving every tab and command at once.
+
+    engine = shared_engine()                       # EMO_LLAMA_MODEL, or prior-only mode
+    engine.predict("photo.jpg")                    # the prediction JSON of DESIGN.md §3
+    for event in engine.stream("clip.mp4"):        # analysis, text pieces, done
+        ...
+
+How a request flows:
+  submit ──► preprocessing pool (decode, sample frames, faces, model.prepare)   [N threads]
+         ──► model queue ──► model thread: waits up to `batch_window_ms` for company, then runs
+             ONE batched label-scoring pass and ONE batched generation for up to `max_batch`
+             requests, streaming each request's text to its own event queue.
+A full queue answers EngineBusy at once (back-pressure, not unbounded memory). A request whose
+client goes away (its iterator closed) is dropped at the next decoding step. A failing request
+fails alone: a batch that raises is retried one request at a time.
+
+Without a checkpoint the engine runs in prior-only mode: labels and scores come from the face
+prior network and the answer says so; nothing is invented.
+"""
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import queue
+import threading
+import time
+from collections import Counter, deque
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from core.errors import UserError
+from core.faces import FaceConfig, shared_analyzer
+from core.labels import BASIC7
+from core.media import DEFAULT_LIMITS, MediaLimits, load_media
+
+log = logging.getLogger(__name__)
+
+PRIOR_ONLY_NOTE = ("No EMO-LLaMA checkpoint is loaded: the label and scores come from the face "
+                   "prior network (FER2013 mini-Xception) and there is no explanation. Set "
+                   "EMO_LLAMA_MODEL to a checkpoint folder or hub id, or start with "
+                   "`python app.py serve --model DIR`.")
+TINY_NOTE = ("TEST FIXTURE: this answer comes from a tiny randomly initialised checkpoint, not a "
+             "trained model. Its labels and text are meaningless.")
+
+
+class EngineBusy(UserError):
+    """The queue is full."""
+
+
+class RequestTimeout(UserError):
+    """A request took longer than its timeout."""
+
+
+@dataclass
+class EngineConfig:
+    max_batch: int = 8
+    batch_window_ms: float = 20.0
+    max_queue: int = 64
+    request_timeout_s: float = 120.0
+    preprocess_workers: int = 2
+    num_frames: int = 8
+    max_new_tokens: int | None = None
+    limits: MediaLimits = field(default_factory=lambda: DEFAULT_LIMITS)
+    device: str = "auto"
+
+
+@dataclass
+class _Request:
+    id: int
+    media: str
+    question: str | None
+    label_set: list[str] | None
+    explain: bool
+    submitted: float = field(default_factory=time.perf_counter)
+    events: queue.Queue = field(default_factory=queue.Queue)
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    result: dict = field(default_factory=dict)
+    score_input: object = None
+    text_input: object = None
+    ready: float = 0.0
+    finished: bool = False
+
+
+class Engine:
+    def __init__(self, model: str | None = None, config: EngineConfig | None = None):
+        self.config = config or EngineConfig()
+        self.device, self.dtype = _pick_device(self.config.device)
+        self.faces = shared_analyzer(FaceConfig())
+        self._model = self._load(model) if model else None
+        self._swap_lock = threading.Lock()
+        self._queue: queue.Queue[_Request] = queue.Queue()
+        self._pool = ThreadPoolExecutor(self.config.preprocess_workers, thread_name_prefix="engine-prep")
+        self._ids = itertools.count(1)
+        self._in_flight = 0
+        self._count_lock = threading.Lock()
+        self._closed = threading.Event()
+        self._started = time.time()
+        self._latencies: deque[float] = deque(maxlen=2000)
+        self._batch_sizes: Counter[int] = Counter()
+        self._stats = Counter()
+        self._thread = threading.Thread(target=self._model_loop, name="engine-model", daemon=True)
+        self._thread.start()
+
+    # ------------------------------------------------------------------ model versions
+    def _load(self, name_or_path: str):
+        from core.model.modeling import EmoLlama
+
+        model = EmoLlama.from_pretrained(name_or_path, device=self.device, dtype=self.dtype)
+        return model.eval()
+
+    def load_version(self, folder_or_id: str, name: str | None = None) -> None:
+        """Load a version beside the serving one, then switch; failures leave serving untouched."""
+        model = self._load(folder_or_id)
+        if name:
+            model.config.version = name
+        with self._swap_lock:
+            self._model = model
+        log.info("now serving %s", self.info["model_version"])
+
+    @property
+    def info(self) -> dict:
+        model = self._model
+        face_pipeline = self.faces.describe()
+        if model is None:
+            return {"model_version": "prior-only:fer2013-mini-xception", "mode": "prior-only",
+                    "is_tiny": False, "note": PRIOR_ONLY_NOTE, "face_pipeline": face_pipeline}
+        if model.config.is_tiny:
+            return {"model_version": f"tiny-test-fixture:{model.version}", "mode": "tiny-test-fixture",
+                    "is_tiny": True, "note": TINY_NOTE, "face_pipeline": face_pipeline}
+        return {"model_version": model.version, "mode": "checkpoint", "is_tiny": False,
+                "note": "", "face_pipeline": face_pipeline}
+
+    # ------------------------------------------------------------------ public API
+    def predict(self, media, *, question: str | None = None, label_set: list[str] | None = None,
+                explain: bool = True, timeout: float | None = None) -> dict:
+        result = None
+        for event in self.stream(media, question=question, label_set=label_set, explain=explain,
+                                 timeout=timeout):
+            if event["event"] == "done":
+                result = event["result"]
+        return result
+
+    def stream(self, media, *, question: str | None = None, label_set: list[str] | None = None,
+               explain: bool = True, timeout: float | None = None) -> Iterator[dict]:
+        request = self._submit(str(media), question, label_set, explain)
+        deadline = time.monotonic() + (timeout or self.config.request_timeout_s)
+        finished = False
+        try:
+            while True:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise RequestTimeout(f"the request took longer than {timeout or self.config.request_timeout_s:.0f} s")
+                try:
+                    kind, payload = request.events.get(timeout=remaining)
+                except queue.Empty:
+                    continue
+                if kind == "error":
+                    finished = True
+                    raise payload
+                if kind == "text":
+                    yield {"event": "text", "text": payload}
+                else:
+                    yield {"event": kind, "result": payload}
+                    if kind == "done":
+                        finished = True
+                        return
+        finally:
+            if not finished:  # closed early, timed out: free the slot
+                request.cancelled.set()
+
+    def health(self) -> dict:
+        latencies = sorted(self._latencies)
+
+        def pct(q: float) -> float | None:
+            return round(latencies[min(len(latencies) - 1, int(q * len(latencies)))], 1) if latencies else None
+
+        return {"model_version": self.info["model_version"], "mode": self.info["mode"],
+                "queue_depth": self._queue.qsize(), "in_flight": self._in_flight,
+                "max_queue": self.config.max_queue, "batch_sizes": dict(sorted(self._batch_sizes.items())),
+                "latency_ms_p50": pct(0.5), "latency_ms_p95": pct(0.95),
+                "served": self._stats["served"], "failed": self._stats["failed"],
+                "cancelled": self._stats["cancelled"], "rejected_busy": self._stats["rejected_busy"],
+                "device": str(self.device), "uptime_s": round(time.time() - self._started, 1)}
+
+    def close(self) -> None:
+        self._closed.set()
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    # ------------------------------------------------------------------ request life
+    def _submit(self, media: str, question, label_set, explain) -> _Request:
+        with self._count_lock:
+            if self._in_flight >= self.config.max_queue:
+                self._stats["rejected_busy"] += 1
+                raise EngineBusy("the model is busy with other requests; retry in a few seconds")
+            self._in_flight += 1
+        request = _Request(next(self._ids), media, question, label_set, explain)
+        self._pool.submit(self._preprocess, request)
+        return request
+
+    def _finish(self, request: _Request, kind: str, payload) -> None:
+        with self._count_lock:
+            if request.finished:
+                return
+            request.finished = True
+            self._in_flight -= 1
+        if kind == "done":
+            self._stats["served"] += 1
+            self._latencies.append((time.perf_counter() - request.submitted) * 1000)
+        elif kind == "error":
+            self._stats["failed"] += 1
+        else:
+            self._stats["cancelled"] += 1
+        request.events.put((kind, payload))
+
+    def _preprocess(self, request: _Request) -> None:
+        """Decode + faces (+ model inputs) on a pool thread; prior-only requests finish here."""
+        if request.cancelled.is_set():
+            return self._finish(request, "cancelled", None)
+        try:
+            started = time.perf_counter()
+            media = load_media(request.media, num_frames=self.config.num_frames, limits=self.config.limits)
+            decoded = time.perf_counter()
+            faces = [self.faces.analyze(frame) for frame in media.frames]
+            analysed = time.perf_counter()
+            request.result = {
+                "faces": _faces_json(media, faces),
+                "media": {"kind": media.kind, **{k: media.meta[k] for k in
+                                                 ("width", "height", "frame_count", "fps", "duration_s")
+                                                 if k in media.meta}},
+                "timings_ms": {"decode": _ms(started, decoded), "faces": _ms(decoded, analysed)}}
+            model = self._model
+            if model is None:
+                return self._finish(request, "done", self._prior_only(request, faces))
+            from core.model.prompt import category_question, conversation_question
+
+            labels = request.label_set or model.config.label_set
+            request.label_set = labels
+            request.score_input = model.prepare(media.frames, faces, category_question(labels, media.kind))
+            if request.explain:
+                text_question = request.question or conversation_question(media.kind)
+                request.text_input = model.prepare(media.frames, faces, text_question)
+            request.result["timings_ms"]["prepare"] = _ms(analysed, time.perf_counter())
+            request.ready = time.perf_counter()
+            self._queue.put(request)
+        except UserError as exc:
+            self._finish(request, "error", exc)
+        except Exception as exc:  # a bug must fail this request, not the pool
+            log.exception("preprocessing failed for %s", request.media)
+            self._finish(request, "error", UserError(f"could not process the file ({type(exc).__name__})"))
+
+    def _prior_only(self, request: _Request, faces: list[list]) -> dict:
+        labels = request.label_set or BASIC7
+        frame_priors = [fs[0].prior for fs in faces if fs]
+        result = {**request.result, **{k: v for k, v in self.info.items() if k != "face_pipeline"}}
+        if not frame_priors:
+            result.update(label=None, scores={}, explanation="",
+                          note="No face found, so the prior network has nothing to score. " + PRIOR_ONLY_NOTE)
+        else:
+            mean = {label: float(np.mean([p.get(label, 0.0) for p in frame_priors])) for label in labels}
+            total = sum(mean.values()) or 1.0
+            scores = {label: v / total for label, v in mean.items()}
+            result.update(label=max(scores, key=scores.get), scores=scores, explanation="")
+        result["timings_ms"]["model"] = 0.0
+        return result
+
+    # ------------------------------------------------------------------ the model thread
+    def _next_batch(self) -> list[_Request]:
+        try:
+            first = self._queue.get(timeout=0.2)
+        except queue.Empty:
+            return []
+        batch = [first]
+        deadline = time.perf_counter() + self.config.batch_window_ms / 1000
+        while len(batch) < self.config.max_batch:
+            remaining = deadline - time.perf_counter()
+            try:
+                batch.append(self._queue.get(timeout=remaining) if remaining > 0 else self._queue.get_nowait())
+            except queue.Empty:
+                break
+        live = []
+        for request in batch:
+            if request.cancelled.is_set():
+                self._finish(request, "cancelled", None)
+            else:
+                live.append(request)
+        return live
+
+    def _model_loop(self) -> None:
+        while not self._closed.is_set():
+            batch = self._next_batch()
+            if not batch:
+                continue
+            with self._swap_lock:
+                model = self._model  # in-flight batches keep the version they started with
+            self._batch_sizes[len(batch)] += 1
+            try:
+                self._run_batch(model, batch)
+            except Exception:
+                log.warning("a batch of %d failed; retrying its requests one by one", len(batch))
+                for request in batch:
+                    if not request.finished:
+                        try:
+                            self._run_batch(model, [request])
+                        except UserError as exc:
+                            self._finish(request, "error", exc)
+                        except Exception as exc:
+                            log.exception("request %s failed", request.media)
+                            self._finish(request, "error", UserError(f"the model failed on this input ({type(exc).__name__})"))
+
+    def _run_batch(self, model, batch: list[_Request]) -> None:
+        import torch
+
+        started = time.perf_counter()
+        info = _version_info(model)
+        by_labels: dict[tuple, list[_Request]] = {}
+        for request in batch:
+            by_labels.setdefault(tuple(request.label_set), []).append(request)
+        with torch.inference_mode():
+            for labels, group in by_labels.items():
+                scores = model.score_labels([r.score_input for r in group], list(labels))
+                for request, s in zip(group, scores):
+                    request.result.update(info, label=max(s, key=s.get), scores=s, explanation="")
+                    if not request.result["faces"]:
+                        request.result["note"] = ((info.get("note") or "") + " No face found: the model "
+                                                  "answered from the whole frame.").strip()
+                    request.result["timings_ms"]["queue"] = _ms(request.ready, started)
+                    request.events.put(("analysis", dict(request.result)))
+            talkers = [r for r in batch if r.explain and not r.cancelled.is_set()]
+            if talkers:
+                texts = model.generate(
+                    [r.text_input for r in talkers], max_new_tokens=self.config.max_new_tokens,
+                    on_text=lambda i, piece: talkers[i].events.put(("text", piece)),
+                    is_active=lambda i: not talkers[i].cancelled.is_set())
+                for request, text in zip(talkers, texts):
+                    request.result["explanation"] = text
+        model_ms = _ms(started, time.perf_counter())
+        for request in batch:
+            request.result["timings_ms"]["model"] = model_ms
+            if request.cancelled.is_set():
+                self._finish(request, "cancelled", None)
+            else:
+                self._finish(request, "done", request.result)
+
+
+def _version_info(model) -> dict:
+    if model.config.is_tiny:
+        return {"model_version": f"tiny-test-fixture:{model.version}", "mode": "tiny-test-fixture",
+                "is_tiny": True, "note": TINY_NOTE}
+    return {"model_version": model.version, "mode": "checkpoint", "is_tiny": False, "note": ""}
+
+
+def _faces_json(media, faces: list[list]) -> list[dict]:
+    out = []
+    for index, frame_faces in enumerate(faces):
+        for face in frame_faces:
+            entry = face.to_json()
+            if media.kind == "video":
+                entry["frame"] = index
+            out.append(entry)
+    return out
+
+
+def _ms(start: float, end: float) -> float:
+    return round((end - start) * 1000, 1)
+
+
+def _pick_device(requested: str):
+    import torch
+
+    if requested == "auto":
+        requested = "cuda" if torch.cuda.is_available() else "cpu"
+    if requested.startswith("cuda"):
+        return torch.device(requested), (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
+    return torch.device(requested), torch.float32
+
+
+_shared: Engine | None = None
+_shared_lock = threading.Lock()
+
+
+def shared_engine() -> Engine:
+    """The process's engine, created from the environment on first use."""
+    global _shared
+    with _shared_lock:
+        if _shared is None:
+            _shared = Engine(os.environ.get("EMO_LLAMA_MODEL") or None)
+        return _shared
+
+
+def set_shared_engine(engine: Engine | None) -> None:
+    global _shared
+    with _shared_lock:
+        _shared = engine
