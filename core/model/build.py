@@ -75,7 +75,10 @@ def build_tiny(out: str | Path, seed: int = 0, **overrides) -> Path:
         vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True))
+        pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True,
+        # Larger than the usual 0.02 so the frozen tied LM head can express confident answers
+        # (logit scale ~ |embedding| x |normed hidden|); a real pretrained LLM has this built in.
+        initializer_range=0.2))
     llm.save_pretrained(out / "llm")
     tokenizer.save_pretrained(out / "llm")
     CLIPVisionModel(CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
