@@ -26,7 +26,6 @@ import queue
 import threading
 import time
 from collections import Counter, deque
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -138,39 +137,20 @@ class Engine:
     def predict(self, media, *, question: str | None = None, label_set: list[str] | None = None,
                 explain: bool = True, timeout: float | None = None) -> dict:
         result = None
-        for event in self.stream(media, question=question, label_set=label_set, explain=explain,
-                                 timeout=timeout):
-            if event["event"] == "done":
-                result = event["result"]
+        with self.stream(media, question=question, label_set=label_set, explain=explain,
+                         timeout=timeout) as events:
+            for event in events:
+                if event["event"] == "done":
+                    result = event["result"]
         return result
 
     def stream(self, media, *, question: str | None = None, label_set: list[str] | None = None,
-               explain: bool = True, timeout: float | None = None) -> Iterator[dict]:
+               explain: bool = True, timeout: float | None = None) -> "RequestStream":
+        """Submit now (EngineBusy is raised here) and iterate the request's events:
+        {"event": "analysis", "result"}, {"event": "text", "text"} ..., {"event": "done", "result"}.
+        Closing the stream early cancels the request and frees its slot at once."""
         request = self._submit(str(media), question, label_set, explain)
-        deadline = time.monotonic() + (timeout or self.config.request_timeout_s)
-        finished = False
-        try:
-            while True:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise RequestTimeout(f"the request took longer than {timeout or self.config.request_timeout_s:.0f} s")
-                try:
-                    kind, payload = request.events.get(timeout=remaining)
-                except queue.Empty:
-                    continue
-                if kind == "error":
-                    finished = True
-                    raise payload
-                if kind == "text":
-                    yield {"event": "text", "text": payload}
-                else:
-                    yield {"event": kind, "result": payload}
-                    if kind == "done":
-                        finished = True
-                        return
-        finally:
-            if not finished:  # closed early, timed out: free the slot
-                request.cancelled.set()
+        return RequestStream(self, request, timeout or self.config.request_timeout_s)
 
     def health(self) -> dict:
         latencies = sorted(self._latencies)
@@ -344,6 +324,51 @@ class Engine:
                 self._finish(request, "cancelled", None)
             else:
                 self._finish(request, "done", request.result)
+
+
+class RequestStream:
+    """The events of one request, in order; an iterator that cancels its request when closed."""
+
+    def __init__(self, engine: Engine, request: _Request, timeout_s: float):
+        self._engine, self._request, self._timeout_s = engine, request, timeout_s
+        self._deadline = time.monotonic() + timeout_s
+        self._done = False
+
+    def __iter__(self) -> "RequestStream":
+        return self
+
+    def __next__(self) -> dict:
+        if self._done:
+            raise StopIteration
+        try:
+            kind, payload = self._request.events.get(timeout=max(0.0, self._deadline - time.monotonic()))
+        except queue.Empty:
+            self.close()
+            raise RequestTimeout(f"no answer within {self._timeout_s:.0f} s; the request was cancelled") from None
+        if kind == "error":
+            self._done = True
+            raise payload
+        if kind == "cancelled":
+            self._done = True
+            raise StopIteration
+        if kind == "done":
+            self._done = True
+        return {"event": "text", "text": payload} if kind == "text" else {"event": kind, "result": payload}
+
+    def close(self) -> None:
+        if not self._done:
+            self._done = True
+            self._request.cancelled.set()
+            self._engine._finish(self._request, "cancelled", None)
+
+    def __enter__(self) -> "RequestStream":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        self.close()
 
 
 def _version_info(model) -> dict:

@@ -1,0 +1,146 @@
+"""The shared engine under concurrent load: right answers, right errors, batching, hot-swap."""
+from __future__ import annotations
+
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from core.engine import Engine, EngineBusy, EngineConfig, RequestTimeout
+from core.errors import MediaError
+from core.model.build import build_tiny
+from tests.media_files import face_frames, face_photo, no_face_photo, write_image, write_video
+from tests.model_fixtures import tiny_checkpoint  # noqa: F401  (fixture)
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("engine-files")
+    bad = root / "broken.jpg"
+    bad.write_text("not an image")
+    return {"face": write_image(root / "face.jpg", face_photo()),
+            "empty": write_image(root / "coffee.jpg", no_face_photo()),
+            "video": write_video(root / "clip.mp4", face_frames(8), fps=4),
+            "bad": bad}
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_checkpoint):  # noqa: F811
+    engine = Engine(str(tiny_checkpoint), EngineConfig(max_batch=8, batch_window_ms=30, num_frames=4,
+                                                       max_new_tokens=8))
+    yield engine
+    engine.close()
+
+
+def test_prior_only_mode_says_so_and_never_invents(files):
+    engine = Engine(None, EngineConfig(num_frames=4))
+    try:
+        result = engine.predict(files["face"])
+        assert result["mode"] == "prior-only" and "No EMO-LLaMA checkpoint" in result["note"]
+        assert result["label"] == "happiness" and sum(result["scores"].values()) == pytest.approx(1.0)
+        assert result["faces"][0]["prior"]["happiness"] > 0.5
+        empty = engine.predict(files["empty"])
+        assert empty["label"] is None and empty["scores"] == {} and "No face found" in empty["note"]
+        video = engine.predict(files["video"])
+        assert video["label"] == "happiness" and {f["frame"] for f in video["faces"]} == {0, 1, 2, 3}
+        with pytest.raises(MediaError):
+            engine.predict(files["bad"])
+    finally:
+        engine.close()
+
+
+def test_tiny_model_answers_are_labelled_as_a_test_fixture(engine, files):
+    result = engine.predict(files["face"])
+    assert result["model_version"].startswith("tiny-test-fixture:") and result["mode"] == "tiny-test-fixture"
+    assert "TEST FIXTURE" in result["note"]
+    assert list(result["scores"]) == engine._model.config.label_set
+    assert result["label"] == max(result["scores"], key=result["scores"].get)
+    assert set(result["timings_ms"]) >= {"decode", "faces", "model"}
+
+
+def test_stream_events_come_in_order(engine, files):
+    events = list(engine.stream(files["face"]))
+    kinds = [e["event"] for e in events]
+    assert kinds[0] == "analysis" and kinds[-1] == "done" and set(kinds[1:-1]) <= {"text"}
+    text = "".join(e["text"] for e in events if e["event"] == "text")
+    assert text.strip() == events[-1]["result"]["explanation"]
+
+
+def test_32_mixed_concurrent_requests_match_solo_answers(engine, files, tiny_checkpoint):  # noqa: F811
+    solo = Engine(str(tiny_checkpoint), EngineConfig(max_batch=1, batch_window_ms=0, num_frames=4, max_new_tokens=8))
+    try:
+        expected = {kind: solo.predict(files[kind]) for kind in ("face", "empty", "video")}
+    finally:
+        solo.close()
+    kinds = ["face", "empty", "video", "bad"] * 8
+
+    def call(kind):
+        try:
+            return engine.predict(files[kind])
+        except MediaError as exc:
+            return exc
+
+    before = dict(engine.health()["batch_sizes"])
+    with ThreadPoolExecutor(16) as pool:
+        results = list(pool.map(call, kinds))
+    for kind, result in zip(kinds, results):
+        if kind == "bad":
+            assert isinstance(result, MediaError) and "not an image" in str(result)
+            continue
+        assert result["label"] == expected[kind]["label"]
+        assert list(result["scores"].values()) == pytest.approx(list(expected[kind]["scores"].values()), abs=1e-4)
+        assert result["explanation"] == expected[kind]["explanation"]
+    after = engine.health()["batch_sizes"]
+    assert any(size > 1 and after.get(size, 0) > before.get(size, 0) for size in after)  # really batched
+
+
+def test_busy_error_and_cancellation_frees_the_slot(tiny_checkpoint, files):  # noqa: F811
+    engine = Engine(str(tiny_checkpoint), EngineConfig(max_queue=2, num_frames=4, max_new_tokens=8))
+    try:
+        first = engine.stream(files["video"])
+        second = engine.stream(files["video"])
+        with pytest.raises(EngineBusy, match="busy"):
+            engine.stream(files["face"])
+        first.close()
+        third = engine.stream(files["face"])  # the cancelled request's slot is free again
+        assert [e["event"] for e in third][-1] == "done"
+        assert [e["event"] for e in second][-1] == "done"
+        health = engine.health()
+        assert health["rejected_busy"] == 1 and health["cancelled"] >= 1 and health["in_flight"] == 0
+    finally:
+        engine.close()
+
+
+def test_timeout_is_a_clear_error(engine, files):
+    with pytest.raises(RequestTimeout):
+        engine.predict(files["video"], timeout=0.001)
+
+
+def test_hot_swap_under_load_drops_nothing(tiny_checkpoint, files, tmp_path):  # noqa: F811
+    other = build_tiny(tmp_path / "v2", seed=1, version="v2")
+    engine = Engine(str(tiny_checkpoint), EngineConfig(num_frames=2, max_new_tokens=4))
+    try:
+        results, errors = [], []
+
+        def client():
+            for _ in range(4):
+                try:
+                    results.append(engine.predict(files["face"]))
+                except Exception as exc:  # pragma: no cover - the assertion below reports it
+                    errors.append(exc)
+
+        threads = [threading.Thread(target=client) for _ in range(4)]
+        for t in threads:
+            t.start()
+        engine.load_version(str(other), name="v2")
+        for t in threads:
+            t.join()
+        assert not errors and len(results) == 16
+        versions = {r["model_version"] for r in results}
+        assert versions <= {"tiny-test-fixture:tiny-base", "tiny-test-fixture:v2"}
+        assert engine.predict(files["face"])["model_version"] == "tiny-test-fixture:v2"
+        with pytest.raises(Exception):
+            engine.load_version(str(tmp_path / "missing"))
+        assert engine.info["model_version"] == "tiny-test-fixture:v2"  # a failed load changes nothing
+    finally:
+        engine.close()
