@@ -256,11 +256,15 @@ class Engine:
         batch = [first]
         deadline = time.perf_counter() + self.config.batch_window_ms / 1000
         while len(batch) < self.config.max_batch:
-            remaining = deadline - time.perf_counter()
+            # Wait for company only while other requests are on their way (in preprocessing);
+            # a lone request runs at once.
+            waiting_for_more = self._in_flight > len(batch) + self._queue.qsize()
+            remaining = deadline - time.perf_counter() if waiting_for_more else 0
             try:
                 batch.append(self._queue.get(timeout=remaining) if remaining > 0 else self._queue.get_nowait())
             except queue.Empty:
-                break
+                if remaining <= 0:
+                    break
         live = []
         for request in batch:
             if request.cancelled.is_set():
