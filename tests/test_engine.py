@@ -26,7 +26,7 @@ def files(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def engine(tiny_checkpoint):  # noqa: F811
-    engine = Engine(str(tiny_checkpoint), EngineConfig(max_batch=8, batch_window_ms=30, num_frames=4,
+    engine = Engine(str(tiny_checkpoint), EngineConfig(max_batch=8, batch_window_ms=150, num_frames=4,
                                                        max_new_tokens=8))
     yield engine
     engine.close()
