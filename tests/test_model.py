@@ -1,16 +1,19 @@
 """EMO-LLaMA on a tiny checkpoint: shapes, token budget, gradients, save/load, scoring, learning."""
 from __future__ import annotations
 
+import dataclasses
+import json
+import shutil
+
 import numpy as np
 import pytest
 import torch
 
 from core.errors import ModelLoadError
-from core.faces import Attributes, shared_analyzer
-from core.labels import parse_label
+from core.faces import shared_analyzer
 from core.model.config import EmoLlamaConfig
 from core.model.modeling import EmoLlama
-from core.model.prompt import agr_sentence, category_question, split_prompt
+from core.model.prompt import category_question
 from tests.media_files import face_photo
 from tests.model_fixtures import tiny_checkpoint  # noqa: F401  (fixture)
 
@@ -26,29 +29,6 @@ def model(tiny_checkpoint):  # noqa: F811
 def face_input(model):
     photo = face_photo()
     return photo, shared_analyzer().analyze(photo)
-
-
-def test_agr_sentence_template():
-    assert agr_sentence(Attributes(age="30-39", gender="female", race="East Asian")) == \
-        "The person appears to be a 30-39 year old East Asian woman."
-    assert agr_sentence(Attributes(age="20-29", gender="male", race="Black")) == \
-        "The person appears to be a 20-29 year old Black man."
-    assert agr_sentence(None) == ""
-
-
-def test_agr_sentence_reaches_the_prompt_only_when_known(model):
-    attrs = Attributes(age="30-39", gender="female", race="East Asian")
-    _, after = split_prompt(model.tokenizer, QUESTION, attrs)
-    assert "30-39 year old East Asian woman" in after
-    _, after = split_prompt(model.tokenizer, QUESTION, None)
-    assert "appears to be" not in after
-
-
-def test_parse_label_maps_synonyms():
-    assert parse_label("The person looks happy, cheeks raised") == "happiness"
-    assert parse_label("Angry: lowered brows") == "anger"
-    assert parse_label("contemptuous smirk", ["neutral", "happiness"]) is None
-    assert parse_label("nothing to see") is None
 
 
 def test_token_budget_for_images_and_videos(model, face_input):
@@ -148,25 +128,227 @@ def test_missing_or_broken_checkpoints_are_clear_errors(tmp_path):
         EmoLlama.from_pretrained(tmp_path / "bad")
 
 
-def test_real_base_model_configs_fit_the_design():
-    """The loader's assumptions checked on the paper's real parts, by config only (no download)."""
-    from transformers import CLIPVisionConfig, LlamaConfig
+def test_corrupt_config_is_a_clear_error(tiny_checkpoint, tmp_path):  # noqa: F811
+    copy = shutil.copytree(tiny_checkpoint, tmp_path / "ckpt")
+    (copy / "config.json").write_text("{not json")
+    with pytest.raises(ModelLoadError, match="not an EMO-LLaMA checkpoint"):
+        EmoLlama.from_pretrained(copy)
 
-    clip_336 = CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
-                                num_attention_heads=16, image_size=336, patch_size=14)
-    vicuna_7b = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
-                            num_attention_heads=32, vocab_size=32000)
+
+@pytest.mark.parametrize("damaged", ["emo_modules.safetensors", "adapter/adapter_model.safetensors",
+                                     "llm/model.safetensors", "vision/model.safetensors"])
+def test_a_truncated_weights_file_is_a_clear_error(tiny_checkpoint, tmp_path, damaged):  # noqa: F811
+    copy = shutil.copytree(tiny_checkpoint, tmp_path / "ckpt")
+    data = (copy / damaged).read_bytes()
+    (copy / damaged).write_bytes(data[: len(data) // 2])
+    with pytest.raises(ModelLoadError, match="cannot load the checkpoint"):
+        EmoLlama.from_pretrained(copy)
+
+
+def test_cached_greedy_decoding_equals_recomputing_the_whole_sequence(model, face_input):
+    photo, faces = face_input
+    x = model.prepare([photo], [faces], QUESTION)
+    (text,) = model.generate([x], max_new_tokens=8)
+    prompt, ids = model.prompt_embeddings(x), []
+    with torch.no_grad():
+        for _ in range(8):  # no KV cache, no padding: every step sees the full sequence again
+            sequence = torch.cat([prompt, model._embed_ids(ids)])[None]
+            token = int(model.llm(inputs_embeds=sequence).logits[0, -1].argmax())
+            if token in model.stop_token_ids():
+                break
+            ids.append(token)
+    assert ids and text == model.tokenizer.decode(ids, skip_special_tokens=True).strip()
+
+
+def test_a_cancelled_request_leaves_the_batch_and_the_others_are_unchanged(model, face_input):
+    photo, faces = face_input
+    inputs = [model.prepare([photo], [faces], QUESTION),
+              model.prepare([photo] * 2, [faces, faces], "Why?"),
+              model.prepare([np.full((40, 40, 3), 200, np.uint8)], [[]], QUESTION)]
+    alone = [model.generate([x], max_new_tokens=8)[0] for x in inputs]
+    asked = {1: 0}
+
+    def active(i: int) -> bool:  # request 1's client goes away after two tokens
+        asked[i] = asked.get(i, 0) + 1
+        return i != 1 or asked[1] <= 2
+
+    texts = model.generate(inputs, max_new_tokens=8, is_active=active)
+    assert texts[0] == alone[0] and texts[2] == alone[2]
+    assert asked[1] == 3 and alone[1].startswith(texts[1]) and len(texts[1]) < len(alone[1])
+
+
+def test_sampling_is_optional_and_reproducible_with_a_seed(model, face_input):
+    photo, faces = face_input
+    x = model.prepare([photo], [faces], QUESTION)
+    runs = [model.generate([x], max_new_tokens=8, do_sample=True, temperature=2.0, seed=s)[0]
+            for s in (0, 0, 1, 2, 3)]
+    assert runs[0] == runs[1] and len(set(runs)) > 1
+    assert model.generate([x], max_new_tokens=8) == model.generate([x], max_new_tokens=8)
+
+
+@pytest.fixture(scope="module")
+def second_version(tiny_checkpoint, tmp_path_factory):  # noqa: F811
+    """The tiny base with other adapter and module weights, as a fine-tune would save it."""
+    trained = EmoLlama.from_pretrained(tiny_checkpoint, trainable=True)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in trained.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.3)
+    return trained.save_pretrained(tmp_path_factory.mktemp("v2") / "v2", version="tiny-v2")
+
+
+def test_a_version_loaded_onto_the_shared_base_answers_like_a_full_load(  # noqa: F811
+        tiny_checkpoint, second_version, face_input):
+    photo, faces = face_input
+    labels = ["neutral", "happiness", "sadness"]
+    base = EmoLlama.from_pretrained(tiny_checkpoint)
+    x = base.prepare([photo], [faces], QUESTION)
+    before = list(base.score_labels([x], labels)[0].values())
+    v2 = base.load_version(second_version)
+    assert v2.llm is base.llm and v2.vision is base.vision and v2.version == "tiny-v2"
+    full = EmoLlama.from_pretrained(second_version)
+    y = full.prepare([photo], [faces], QUESTION)
+    expected = list(full.score_labels([y], labels)[0].values())
+    assert expected != pytest.approx(before, abs=1e-3)  # the two versions really differ
+    for _ in range(2):  # interleaved calls: each activates its own adapter
+        assert list(v2.score_labels([y], labels)[0].values()) == pytest.approx(expected, abs=1e-5)
+        assert list(base.score_labels([x], labels)[0].values()) == pytest.approx(before, abs=1e-6)
+    assert v2.generate([y], max_new_tokens=6) == full.generate([y], max_new_tokens=6)
+    v2.release()
+    assert list(base.score_labels([x], labels)[0].values()) == pytest.approx(before, abs=1e-6)
+    with pytest.raises(RuntimeError, match="released"):
+        v2.score_labels([y], labels)
+
+
+def test_a_version_of_another_base_is_refused(model, tmp_path):
+    from core.model.build import build_tiny
+
+    other = build_tiny(tmp_path / "other", seed=1)
+    with pytest.raises(ModelLoadError, match="built on base"):
+        model.load_version(other)
+
+
+def test_prepare_rejects_inputs_that_do_not_fit(model, face_input):
+    photo, faces = face_input
+    with pytest.raises(ValueError, match="2 frame"):
+        model.prepare([photo, photo], [faces], QUESTION)
+    stray = dataclasses.replace(faces[0], embedding=np.zeros(64, np.float32))
+    with pytest.raises(ValueError, match="expects 128"):
+        model.prepare([photo], [[stray]], QUESTION)
+    # An image's faces may come unwrapped: same input as the per-frame form.
+    assert model.prepare([photo], faces, QUESTION).face_pixels.shape[0] == 1
+
+
+def test_bfloat16_runs_by_dtype_alone(tiny_checkpoint, model, face_input):  # noqa: F811
+    """cuda bf16 is `from_pretrained(..., device="cuda", dtype=torch.bfloat16)`: the same code path
+    runs here in bf16 on the CPU (ROI pooling included) and agrees with fp32 to bf16 precision."""
+    photo, faces = face_input
+    half = EmoLlama.from_pretrained(tiny_checkpoint, dtype=torch.bfloat16)
+    assert {p.dtype for p in half.parameters()} == {torch.bfloat16}
+    inputs = [half.prepare([photo], [faces], QUESTION), half.prepare([photo] * 2, [faces, []], QUESTION)]
+    low, full = half.score_labels(inputs, half.config.label_set), model.score_labels(inputs, half.config.label_set)
+    for a, b in zip(low, full):
+        assert sum(a.values()) == pytest.approx(1.0, abs=1e-4)
+        assert list(a.values()) == pytest.approx(list(b.values()), abs=0.05)
+    assert all(isinstance(t, str) for t in half.generate(inputs, max_new_tokens=4))
+
+
+def test_a_two_tower_checkpoint_gives_its_vision_tower_only(tmp_path):
+    """openai/clip-vit-large-patch14-336 is a CLIP (text + vision) checkpoint: only the vision
+    tower is built and loaded, with the checkpoint's weights."""
+    from transformers import CLIPConfig, CLIPModel
+
+    from core.model.vision import load_vision_encoder
+
+    towers = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2)
+    clip = CLIPModel(CLIPConfig(text_config=dict(towers, vocab_size=100),
+                                vision_config=dict(towers, image_size=32, patch_size=8), projection_dim=8))
+    clip.save_pretrained(tmp_path / "clip")
+    vision = load_vision_encoder(str(tmp_path / "clip"))
+    expected = clip.vision_model.state_dict()
+    assert vision.state_dict().keys() == expected.keys()
+    assert all(torch.equal(v, expected[k]) for k, v in vision.state_dict().items())
+
+
+# Real base models, by config only (nothing is downloaded): sizes from their hub config.json files.
+VICUNA_7B = dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                 num_key_value_heads=32, vocab_size=32000, max_position_embeddings=4096, rms_norm_eps=1e-5)
+QWEN25_05B = dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
+                  num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True)
+CLIP_L14_336 = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+                    image_size=336, patch_size=14, projection_dim=768, hidden_act="quick_gelu")
+SIGLIP_SO400M = dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=27, num_attention_heads=16,
+                     image_size=384, patch_size=14)
+
+
+@pytest.mark.parametrize("llm, vision, llm_params, vision_params", [
+    (("LlamaConfig", VICUNA_7B), ("CLIPVisionConfig", CLIP_L14_336), 6_738_415_616, 303_507_456),
+    (("Qwen2Config", QWEN25_05B), ("SiglipVisionConfig", SIGLIP_SO400M), 494_032_768, 428_225_600),
+], ids=["vicuna-7b+clip-L/14-336", "qwen2.5-0.5b+siglip-so400m"])
+def test_real_base_models_fit_by_config_on_the_meta_device(model, face_input, llm, vision, llm_params,
+                                                           vision_params):
+    import transformers
+
+    llm_config = getattr(transformers, llm[0])(**llm[1])
+    vision_config = getattr(transformers, vision[0])(**vision[1])
+    side = vision_config.image_size
+    processor = transformers.CLIPImageProcessor(size={"shortest_edge": side},
+                                                crop_size={"height": side, "width": side})
     config = EmoLlamaConfig()
-    assert (clip_336.image_size // clip_336.patch_size) ** 2 == 576  # patches the Q-Former reads
+    with torch.device("meta"):
+        real = EmoLlama.from_configs(config, llm_config, vision_config, model.tokenizer, processor)
+    assert sum(p.numel() for n, p in real.llm.named_parameters() if "lora_" not in n) == llm_params
+    assert sum(p.numel() for p in real.vision.parameters()) == vision_params
+    trainable = {n for n, p in real.named_parameters() if p.requires_grad}
+    assert trainable and all(n.startswith(("frame_tokens.", "fim.")) or "lora_" in n for n in trainable)
+    lora_layers = {n.split(".lora_A")[0] for n in trainable if ".lora_A." in n}
+    assert len(lora_layers) == llm_config.num_hidden_layers * len(config.lora_targets)
+    # The wiring: the Q-Former and the ROI pooling read the encoder's width, the projectors write
+    # the LLM's, and a 16-frame video costs the design's 16 x 2 + K media tokens.
+    assert real.frame_tokens.qformer.config.encoder_hidden_size == vision_config.hidden_size
+    assert real.frame_tokens.content_proj[-1].out_features == llm_config.hidden_size
+    assert real.fim.local_proj.in_features == vision_config.hidden_size
+    assert real.fim.out[-1].out_features == llm_config.hidden_size
+    photo, faces = face_input
+    video = real.prepare([photo] * 16, [faces] * 16, QUESTION)
+    assert video.pixel_values.shape == (16, 3, side, side) and video.face_pixels.shape == (16, 3, side, side)
+    assert real.token_budget("video", 16)["media"] == 16 * 2 + config.face_tokens == 40
+    assert real.token_budget("image", 1)["media"] == 2 + config.face_tokens == 10
+
+
+def test_the_connector_runs_at_real_widths():
+    """Meta tensors cannot run transformers' mask code, so the trainable connector runs on the
+    CPU at Vicuna-7B / CLIP ViT-L/14-336 widths, on random patch features (576 patches)."""
     from core.model.face_mining import FaceInfoMining
     from core.model.vision import FrameTokens
 
-    frame = FrameTokens(config, clip_336.hidden_size, vicuna_7b.hidden_size)
-    with torch.device("meta"):
-        fim = FaceInfoMining(config, clip_336.hidden_size, vicuna_7b.hidden_size)
+    config = EmoLlamaConfig()
+    frame, fim = FrameTokens(config, 1024, 4096), FaceInfoMining(config, 1024, 4096)
     with torch.no_grad():
-        out = frame(torch.randn(2, 576, 1024), torch.randn(2, 12, 4096), torch.ones(2, 12, dtype=torch.long))
-    assert out.shape == (2, 1 + config.content_tokens, 4096)
-    assert fim.local_proj.in_features == 1024 and fim.out[-1].out_features == 4096
-    assert fim.global_proj.in_features == 128  # the mini-Xception embedding
-    assert config.visual_token_budget(1) == 10 and config.visual_token_budget(16) == 40
+        tokens = frame(torch.randn(2, 576, 1024), torch.randn(2, 12, 4096),
+                       torch.ones(2, 12, dtype=torch.long))
+        landmarks = torch.tensor([[38.3, 51.7], [73.5, 51.5], [56.0, 71.7], [41.5, 92.4], [70.7, 92.2]])
+        face = fim(torch.randn(3, config.prior_dim), torch.randn(3, 576, 1024), landmarks.expand(3, 5, 2))
+    assert tokens.shape == (2, 1 + config.content_tokens, 4096)
+    assert face.shape == (config.face_tokens, 4096) and torch.isfinite(face).all()
+
+
+def test_build_model_and_predict_from_the_command_line(tmp_path, capsys):
+    from app import main
+    from core.labels import BASIC7
+    from tests.media_files import write_image
+
+    assert main(["build-model", "--tiny", "--out", str(tmp_path / "m"), "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["is_tiny"] and summary["tokens_per_image"] == 2 + 4  # tiny: K = 4
+    photo = write_image(tmp_path / "photo.jpg", face_photo())
+    assert main(["predict", str(photo), "--model", str(tmp_path / "m"), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["label"] in BASIC7 and set(result["scores"]) == set(BASIC7)
+    assert sum(result["scores"].values()) == pytest.approx(1.0, abs=1e-4)
+    assert result["model_version"].startswith("tiny-test-fixture:") and result["note"]
+    assert len(result["faces"]) == 1 and {"faces", "model"} <= set(result["timings_ms"])
+    assert main(["predict", str(photo), "--model", str(tmp_path / "nope"), "--json"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and err.count("\n") == 1

@@ -10,6 +10,7 @@ labelled a test fixture. It exists for tests and development only.
 """
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import torch
@@ -44,7 +45,8 @@ def build_tiny_tokenizer():
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=600, special_tokens=["<pad>", "<s>", "</s>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
     tokenizer.train_from_iterator(tiny_corpus(), trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>",
                                    pad_token="<pad>")
@@ -66,7 +68,9 @@ def tiny_config(**overrides) -> EmoLlamaConfig:
 def build_tiny(out: str | Path, seed: int = 0, **overrides) -> Path:
     """A tiny random checkpoint with its base parts inside `out` (loads offline)."""
     from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaForCausalLM
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # "Writing model shards" bars are noise for three tiny files
     torch.manual_seed(seed)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -87,10 +91,35 @@ def build_tiny(out: str | Path, seed: int = 0, **overrides) -> Path:
     CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}
                        ).save_pretrained(out / "vision")
     config = tiny_config(**overrides)
+    config.base_id = config.base_id or base_fingerprint(out / "llm", out / "vision")
     model = EmoLlama.from_parts(config, out)
     model.source_dir = out
     model.save_pretrained(out)
     return out
+
+
+def base_fingerprint(*folders: Path) -> str:
+    """Content hash of base parts stored inside a checkpoint: versions fine-tuned from the same
+    tiny base share it (and so can share one loaded base), two random builds do not."""
+    digest = hashlib.sha256()
+    for folder in folders:
+        for file in sorted(Path(folder).rglob("*")):
+            if file.is_file():
+                digest.update(file.relative_to(folder).as_posix().encode())
+                digest.update(file.read_bytes())
+    return f"sha256:{digest.hexdigest()[:16]}"
+
+
+def prior_embedding_dim(prior: str) -> int:
+    """Size of the global face embedding core/faces.py takes from the prior network `prior`."""
+    if prior in ("fer2013-mini-xception", "mini-xception", "default"):
+        return 128
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(prior)
+    # TransformersPrior pools the last hidden state: CNNs name their widths hidden_sizes.
+    sizes = getattr(config, "hidden_sizes", None)
+    return int(sizes[-1]) if sizes else int(config.hidden_size)
 
 
 def build_from_parts(llm: str, vision: str, out: str | Path, prior: str | None = None,
@@ -98,7 +127,7 @@ def build_from_parts(llm: str, vision: str, out: str | Path, prior: str | None =
     """An untrained checkpoint that refers to real base parts by hub id or folder."""
     config = EmoLlamaConfig(llm=llm, vision=vision, version=version)
     if prior:
-        config.prior = prior
+        config.prior, config.prior_dim = prior, prior_embedding_dim(prior)
     # The tokenizer is saved with the checkpoint, chat template included (Vicuna's layout when the
     # base LLM ships none), so every later load formats prompts the same way.
     return EmoLlama.from_parts(config).save_pretrained(out)

@@ -47,6 +47,9 @@ class EmoLlamaConfig:
     version: str = "base"                   # the model version name shown in every answer
     parent_version: str | None = None
     is_tiny: bool = False                   # a test fixture, never a trained model
+    # Which frozen base (LLM + vision encoder weights) the adapter and modules were trained on.
+    # Versions with the same base can share one loaded base (EmoLlama.load_version).
+    base_id: str = ""
     model_type: str = MODEL_TYPE
 
     def tokens_per_frame(self) -> int:
@@ -55,6 +58,15 @@ class EmoLlamaConfig:
     def visual_token_budget(self, num_frames: int, with_face: bool = True) -> int:
         """LLM input positions spent on media: frames x (context + content) + K face tokens."""
         return num_frames * self.tokens_per_frame() + (self.face_tokens if with_face else 0)
+
+    def base_key(self) -> str | None:
+        """Identity of the frozen base, or None when it cannot be told (parts in sub-folders
+        without a recorded base_id: two such checkpoints may hold different weights)."""
+        if self.base_id:
+            return self.base_id
+        if any("/" not in part for part in (self.llm, self.vision)):  # stored inside a checkpoint
+            return None
+        return f"{self.llm}|{self.vision}"
 
     def save(self, folder: str | Path) -> None:
         Path(folder, CONFIG_NAME).write_text(json.dumps(asdict(self), indent=2) + "\n")

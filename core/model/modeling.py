@@ -4,9 +4,11 @@
     x = model.prepare(frames, faces, question)                   # CPU work: tokens, pixels
     model.score_labels([x], model.config.label_set)              # [{"happiness": 0.91, ...}]
     model.generate([x])                                          # ["Happiness: the cheeks ..."]
+    v4 = model.load_version("checkpoints/v4")                    # same frozen base, new adapter
 
 The API is batch-first: the engine collects requests from many users and runs them together
-(left padding + attention masks), with results equal to running each alone.
+(one vision pass over all frames and faces, then left padding + attention masks in the LLM),
+with results equal to running each alone.
 
 A checkpoint folder holds config.json (EmoLlamaConfig), emo_modules.safetensors (frame tokens,
 FIM, clue aggregator), adapter/ (the LoRA adapter, peft format), tokenizer/ and processor/;
@@ -15,7 +17,10 @@ checkpoint keeps them inside, in llm/ and vision/).
 """
 from __future__ import annotations
 
+import copy
+import itertools
 import shutil
+import threading
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -33,11 +38,14 @@ from core.model.prompt import split_prompt
 from core.model.vision import FrameTokens, load_vision_encoder, patch_features
 
 MODULES_FILE = "emo_modules.safetensors"
+ADAPTER_DIR = "adapter"
 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")  # peft vs transformers 5
 DEFAULT_CHAT_TEMPLATE = (  # Vicuna v1.1 layout, for base LLMs that ship without a template
     "{% for m in messages %}{% if m['role'] == 'user' %}USER: {{ m['content'] }} "
     "{% else %}ASSISTANT: {{ m['content'] }}</s>{% endif %}{% endfor %}"
     "{% if add_generation_prompt %}ASSISTANT:{% endif %}")
+
+_adapter_names = itertools.count(1)  # peft adapter names of versions loaded onto a shared base
 
 
 @dataclass
@@ -55,11 +63,17 @@ class EmoInput:
 
 class EmoLlama(nn.Module):
     def __init__(self, config: EmoLlamaConfig, llm: nn.Module, vision: nn.Module, tokenizer,
-                 image_processor, source_dir: str | Path | None = None):
+                 image_processor, source_dir: str | Path | None = None,
+                 adapter_name: str = "default", llm_lock: threading.RLock | None = None):
         super().__init__()
         self.config, self.llm, self.vision = config, llm, vision
         self.tokenizer, self.image_processor = tokenizer, image_processor
         self.source_dir = Path(source_dir) if source_dir else None
+        # Versions loaded with load_version() share `llm` (one peft model, one adapter each) and
+        # this lock: every LLM call activates its own adapter under it.
+        self.adapter_name = adapter_name
+        self._llm_lock = llm_lock or threading.RLock()
+        self._released = False
         vision_dim = vision.config.hidden_size
         llm_dim = llm.get_input_embeddings().embedding_dim
         self.frame_tokens = FrameTokens(config, vision_dim, llm_dim)
@@ -83,6 +97,11 @@ class EmoLlama(nn.Module):
     def trainable_modules(self) -> nn.ModuleDict:
         return nn.ModuleDict({"frame_tokens": self.frame_tokens, "fim": self.fim})
 
+    def train(self, mode: bool = True) -> "EmoLlama":
+        super().train(mode)
+        self.vision.eval()  # frozen: never in training mode, whatever the caller asks
+        return self
+
     # ------------------------------------------------------------------ inputs
     def _pixels(self, images: list[np.ndarray]) -> torch.Tensor:
         return self.image_processor(images=list(images), return_tensors="pt")["pixel_values"]
@@ -90,10 +109,28 @@ class EmoLlama(nn.Module):
     def _ids(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
+    def _prior_vector(self, face) -> np.ndarray:
+        embedding = getattr(face, "embedding", None)
+        if embedding is None:
+            raise ValueError("a face without the prior network's embedding (core.faces.FaceAnalyzer "
+                             "sets Face.embedding)")
+        embedding = np.asarray(embedding, dtype=np.float32).reshape(-1)
+        if embedding.shape[0] != self.config.prior_dim:
+            raise ValueError(f"the face embedding has {embedding.shape[0]} values; this checkpoint "
+                             f"expects {self.config.prior_dim} (prior network {self.config.prior!r})")
+        return embedding
+
     def prepare(self, frames: list[np.ndarray], faces: list[list], question: str) -> EmoInput:
-        """Frames (RGB uint8) + per-frame faces (core.faces.Face, largest first) + question."""
+        """Frames (RGB uint8) + per-frame faces (core.faces.Face, largest first) + question.
+
+        For a single image, `faces` may also be that image's list of faces.
+        """
         if not frames:
             raise ValueError("prepare() needs at least one frame")
+        if len(frames) == 1 and faces and hasattr(faces[0], "aligned"):
+            faces = [faces]
+        if len(faces) != len(frames):
+            raise ValueError(f"prepare() got {len(frames)} frame(s) but faces for {len(faces)}")
         # One face per frame (the largest) keeps the face-token budget fixed per request.
         main_faces = [fs[0] for fs in faces if fs]
         attributes = next((f.attributes for f in main_faces if f.attributes is not None), None)
@@ -102,7 +139,7 @@ class EmoLlama(nn.Module):
         if main_faces:
             face_pixels = self._pixels([f.aligned for f in main_faces])
             landmarks = torch.tensor(np.stack([f.aligned_landmarks for f in main_faces]), dtype=torch.float32)
-            priors = torch.tensor(np.stack([f.embedding for f in main_faces]), dtype=torch.float32)
+            priors = torch.from_numpy(np.stack([self._prior_vector(f) for f in main_faces]))
         return EmoInput(kind="image" if len(frames) == 1 else "video",
                         pixel_values=self._pixels(frames), before_ids=self._ids(before),
                         after_ids=self._ids(after), question_ids=self._ids(question),
@@ -113,27 +150,55 @@ class EmoLlama(nn.Module):
         table = self.llm.get_input_embeddings()
         return table(torch.tensor(ids, dtype=torch.long, device=self.device))
 
+    def encode_media(self, batch: list[EmoInput]) -> list[torch.Tensor]:
+        """Each request's media tokens, (frames x (1 + content_tokens) + K, D) in LLM space.
+
+        All frames and aligned faces of the batch go through the vision encoder in one pass; each
+        frame's context token reads its own request's instruction (padded and masked).
+        """
+        frame_counts = [x.pixel_values.shape[0] for x in batch]
+        face_counts = [0 if x.face_pixels is None else x.face_pixels.shape[0] for x in batch]
+        pixels = torch.cat([x.pixel_values for x in batch]
+                           + [x.face_pixels for x in batch if x.face_pixels is not None])
+        with torch.no_grad():
+            patches = patch_features(self.vision, pixels.to(self.device, self.dtype))
+        frame_patches, face_patches = patches.split([sum(frame_counts), sum(face_counts)])
+
+        questions = [x.question_ids or [self.tokenizer.eos_token_id] for x in batch]
+        length = max(len(q) for q in questions)
+        ids = torch.zeros(len(batch), length, dtype=torch.long, device=self.device)
+        text_mask = torch.zeros(len(batch), length, dtype=torch.long, device=self.device)
+        for i, q in enumerate(questions):
+            ids[i, :len(q)] = torch.tensor(q, device=self.device)
+            text_mask[i, :len(q)] = 1
+        per_frame = torch.tensor(frame_counts, device=self.device)
+        text = self.llm.get_input_embeddings()(ids).repeat_interleave(
+            per_frame, dim=0, output_size=sum(frame_counts))
+        text_mask = text_mask.repeat_interleave(per_frame, dim=0, output_size=sum(frame_counts))
+        tokens = self.frame_tokens(frame_patches, text, text_mask)
+
+        media = []
+        faces = iter(face_patches.split(face_counts))
+        for x, frame_tokens in zip(batch, tokens.split(frame_counts)):
+            own_faces = next(faces)
+            media.append(frame_tokens.flatten(0, 1))
+            if x.face_pixels is not None:
+                face = self.fim(x.prior_embeddings.to(self.device, self.dtype), own_faces,
+                                x.face_landmarks.to(self.device))  # pixel positions stay float32
+                media[-1] = torch.cat([media[-1], face])
+        return media
+
     def media_embeddings(self, x: EmoInput) -> torch.Tensor:
         """(frames x (1 + content_tokens) + K, D) LLM-space tokens for one request's media."""
-        pixels = x.pixel_values.to(self.device, self.dtype)
-        with torch.no_grad():
-            patches = patch_features(self.vision, pixels)
-        question = self._embed_ids(x.question_ids or [self.tokenizer.eos_token_id])
-        frames = patches.shape[0]
-        text = question[None].expand(frames, -1, -1)
-        text_mask = torch.ones(text.shape[:2], dtype=torch.long, device=self.device)
-        tokens = self.frame_tokens(patches, text, text_mask).flatten(0, 1)
-        if x.face_pixels is None:
-            return tokens
-        with torch.no_grad():
-            face_patches = patch_features(self.vision, x.face_pixels.to(self.device, self.dtype))
-        face = self.fim(x.prior_embeddings.to(self.device, self.dtype), face_patches,
-                        x.face_landmarks.to(self.device, self.dtype))
-        return torch.cat([tokens, face])
+        return self.encode_media([x])[0]
+
+    def batch_prompt_embeddings(self, batch: list[EmoInput]) -> list[torch.Tensor]:
+        """Each request's prompt: chat prefix, media tokens, AGR sentence + question, chat suffix."""
+        return [torch.cat([self._embed_ids(x.before_ids), media, self._embed_ids(x.after_ids)])
+                for x, media in zip(batch, self.encode_media(batch))]
 
     def prompt_embeddings(self, x: EmoInput) -> torch.Tensor:
-        return torch.cat([self._embed_ids(x.before_ids), self.media_embeddings(x),
-                          self._embed_ids(x.after_ids)])
+        return self.batch_prompt_embeddings([x])[0]
 
     def _left_pad(self, sequences: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         length = max(s.shape[0] for s in sequences)
@@ -145,30 +210,60 @@ class EmoLlama(nn.Module):
             mask[i, length - s.shape[0]:] = 1
         return embeds, mask
 
+    def _call_llm(self, **kwargs):
+        """The LLM with this version's adapter active (versions may share one base)."""
+        if self._released:
+            raise RuntimeError(f"version {self.version} was released")
+        with self._llm_lock:
+            if getattr(self.llm, "active_adapter", self.adapter_name) != self.adapter_name:
+                self.llm.set_adapter(self.adapter_name, inference_mode=not self.training)
+            return self.llm(**kwargs)
+
     def _run(self, embeds: torch.Tensor, mask: torch.Tensor, **kwargs):
+        # Positions count real tokens only, so a left-padded row sees the same positions as alone.
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        return self.llm(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, **kwargs)
+        return self._call_llm(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, **kwargs)
 
     def answer_ids(self, answer: str) -> list[int]:
         eos = [self.tokenizer.eos_token_id] if self.tokenizer.eos_token_id is not None else []
         return self._ids(answer) + eos
 
+    def stop_token_ids(self) -> set[int]:
+        """EOS and every end token the LLM's generation config names (e.g. Llama 3's <|eot_id|>)."""
+        ids = {self.tokenizer.eos_token_id}
+        base = self.llm.get_base_model() if hasattr(self.llm, "get_base_model") else self.llm
+        configured = getattr(getattr(base, "generation_config", None), "eos_token_id", None)
+        ids.update(configured if isinstance(configured, list) else [configured])
+        return {i for i in ids if i is not None}
+
+    def _answer_logprobs(self, prompts: list[torch.Tensor], answers: list[list[int]],
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Log-probability of every answer token given its prompt, from one batched pass.
+
+        Returns (R, A) log-probs and the (R, A) mask of real answer tokens, A the longest answer.
+        Left padding puts every answer at the end of its row, so only the last A + 1 positions
+        need logits (a vocabulary-sized row each).
+        """
+        sequences = [torch.cat([p, self._embed_ids(ids)]) for p, ids in zip(prompts, answers)]
+        embeds, mask = self._left_pad(sequences)
+        longest = max(len(ids) for ids in answers)
+        logits = self._run(embeds, mask, logits_to_keep=longest + 1).logits.float()
+        targets = torch.zeros(len(answers), longest, dtype=torch.long, device=self.device)
+        valid = torch.zeros(len(answers), longest, dtype=torch.bool, device=self.device)
+        for row, ids in enumerate(answers):
+            targets[row, longest - len(ids):] = torch.tensor(ids, device=self.device)
+            valid[row, longest - len(ids):] = True
+        logprobs = logits[:, :-1].log_softmax(-1).gather(-1, targets[..., None]).squeeze(-1)
+        return logprobs, valid
+
     # ------------------------------------------------------------------ training
     def forward(self, batch: list[EmoInput], answers: list[str]) -> torch.Tensor:
-        """Mean cross-entropy of the answers given the prompts (prompt tokens are not scored)."""
-        sequences, targets = [], []
-        for x, answer in zip(batch, answers):
-            prompt = self.prompt_embeddings(x)
-            ids = self.answer_ids(answer)
-            sequences.append(torch.cat([prompt, self._embed_ids(ids)]))
-            targets.append([-100] * prompt.shape[0] + ids)
-        embeds, mask = self._left_pad(sequences)
-        labels = torch.full(mask.shape, -100, dtype=torch.long, device=self.device)
-        for i, t in enumerate(targets):
-            labels[i, mask.shape[1] - len(t):] = torch.tensor(t, device=self.device)
-        logits = self._run(embeds, mask).logits.float()
-        return nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
-                                           labels[:, 1:].reshape(-1), ignore_index=-100)
+        """Mean cross-entropy of the answers' tokens given the prompts (prompts are not scored)."""
+        if len(batch) != len(answers):
+            raise ValueError(f"{len(batch)} inputs but {len(answers)} answers")
+        logprobs, valid = self._answer_logprobs(self.batch_prompt_embeddings(batch),
+                                                [self.answer_ids(a) for a in answers])
+        return -(logprobs * valid).sum() / valid.sum()
 
     # ------------------------------------------------------------------ inference
     @torch.no_grad()
@@ -176,75 +271,111 @@ class EmoLlama(nn.Module):
         """P(label | media, question) for every label, from one batched log-likelihood pass.
 
         Each option is scored as a complete answer (its tokens + EOS); the option log-likelihoods
-        are normalised with a softmax over the label set.
+        are normalised with a softmax over the label set. Rows: every option of every request.
         """
+        if not label_set:
+            raise ValueError("score_labels() needs a non-empty label set")
         options = [self.answer_ids(label) for label in label_set]
-        sequences, spans = [], []
-        for x in batch:
-            prompt = self.prompt_embeddings(x)
-            for ids in options:
-                sequences.append(torch.cat([prompt, self._embed_ids(ids)]))
-                spans.append(ids)
-        embeds, mask = self._left_pad(sequences)
-        logprobs = torch.log_softmax(self._run(embeds, mask).logits.float(), dim=-1)
-        totals = []
-        length = mask.shape[1]
-        for row, ids in enumerate(spans):
-            positions = torch.arange(length - len(ids) - 1, length - 1, device=self.device)
-            target = torch.tensor(ids, device=self.device)
-            totals.append(logprobs[row, positions, target].sum())
-        scores = torch.stack(totals).reshape(len(batch), len(label_set)).softmax(dim=-1).cpu()
+        prompts = self.batch_prompt_embeddings(batch)
+        logprobs, valid = self._answer_logprobs([p for p in prompts for _ in options],
+                                                [ids for _ in prompts for ids in options])
+        totals = (logprobs * valid).sum(-1).reshape(len(batch), len(label_set))
+        scores = totals.softmax(dim=-1).cpu()
         return [dict(zip(label_set, (float(v) for v in row))) for row in scores]
+
+    @staticmethod
+    def _pick(logits: torch.Tensor, do_sample: bool, temperature: float, top_p: float,
+              generator: torch.Generator | None) -> torch.Tensor:
+        if not do_sample:
+            return logits.argmax(-1)
+        probs = (logits.float() / max(temperature, 1e-5)).softmax(-1)
+        if top_p < 1.0:  # nucleus: keep the smallest set of tokens whose mass reaches top_p
+            sorted_probs, order = probs.sort(-1, descending=True)
+            outside = sorted_probs.cumsum(-1) - sorted_probs > top_p
+            probs = probs.scatter(-1, order, sorted_probs.masked_fill(outside, 0.0))
+        return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
     @torch.no_grad()
     def generate(self, batch: list[EmoInput], max_new_tokens: int | None = None,
                  on_text: Callable[[int, str], None] | None = None,
-                 is_active: Callable[[int], bool] | None = None) -> list[str]:
-        """Greedy decoding for a batch. `on_text(i, piece)` streams request i's new text;
-        `is_active(i)` false stops request i early (a client that went away)."""
+                 is_active: Callable[[int], bool] | None = None, *, do_sample: bool = False,
+                 temperature: float = 1.0, top_p: float = 1.0, seed: int | None = None) -> list[str]:
+        """Greedy decoding (sampling when asked) for a batch. `on_text(i, piece)` streams request
+        i's new text; `is_active(i)` false stops request i early (a client that went away).
+
+        Requests that finish or are cancelled leave the batch (and its KV cache) at once, so the
+        others do not pay for them.
+        """
         max_new_tokens = max_new_tokens or self.config.max_new_tokens
-        eos = self.tokenizer.eos_token_id
-        embeds, mask = self._left_pad([self.prompt_embeddings(x) for x in batch])
+        stop = self.stop_token_ids()
+        generator = None
+        if do_sample and seed is not None:
+            generator = torch.Generator(device=self.device).manual_seed(seed)
+        embeds, mask = self._left_pad(self.batch_prompt_embeddings(batch))
         out = self._run(embeds, mask, use_cache=True, logits_to_keep=1)
+        positions = mask.sum(-1, keepdim=True) - 1
+        rows = list(range(len(batch)))          # the request each batch row belongs to
         tokens: list[list[int]] = [[] for _ in batch]
         texts = [""] * len(batch)
-        done = [False] * len(batch)
-        positions = mask.sum(-1, keepdim=True) - 1
-        for _ in range(max_new_tokens):
-            next_ids = out.logits[:, -1].argmax(-1)
-            for i, token in enumerate(next_ids.tolist()):
-                if done[i]:
-                    continue
-                if (is_active and not is_active(i)) or token == eos:
-                    done[i] = True
+
+        def emit(i: int, text: str) -> None:
+            if on_text and text != texts[i]:
+                on_text(i, text[len(texts[i]):] if text.startswith(texts[i]) else text)
+            texts[i] = text
+
+        for step in range(max_new_tokens):
+            next_ids = self._pick(out.logits[:, -1], do_sample, temperature, top_p, generator)
+            keep = []
+            for row, (i, token) in enumerate(zip(rows, next_ids.tolist())):
+                if (is_active and not is_active(i)) or token in stop:
                     continue
                 tokens[i].append(token)
                 text = self.tokenizer.decode(tokens[i], skip_special_tokens=True)
-                if on_text and text != texts[i] and not text.endswith("\ufffd"):
-                    on_text(i, text[len(texts[i]):] if text.startswith(texts[i]) else text)
-                    texts[i] = text
-            if all(done):
+                if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
+                    emit(i, text)
+                keep.append(row)
+            if not keep or step == max_new_tokens - 1:
                 break
-            mask = torch.cat([mask, mask.new_ones(len(batch), 1)], dim=1)
+            cache = out.cache
+            if len(keep) < len(rows):
+                index = torch.tensor(keep, device=self.device)
+                cache.batch_select_indices(index)
+                mask, positions, next_ids = mask[index], positions[index], next_ids[index]
+                rows = [rows[r] for r in keep]
+            mask = torch.cat([mask, mask.new_ones(len(rows), 1)], dim=1)
             positions = positions + 1
-            out = self.llm(input_ids=next_ids[:, None], attention_mask=mask, position_ids=positions,
-                           cache=out.cache, use_cache=True)
-        return [self.tokenizer.decode(t, skip_special_tokens=True).strip() for t in tokens]
+            out = self._call_llm(input_ids=next_ids[:, None], attention_mask=mask,
+                                 position_ids=positions, cache=cache, use_cache=True)
+        finals = [self.tokenizer.decode(t, skip_special_tokens=True) for t in tokens]
+        for i, text in enumerate(finals):
+            emit(i, text)
+        return [text.strip() for text in finals]
 
     # ------------------------------------------------------------------ saving / loading
     def save_pretrained(self, folder: str | Path, version: str | None = None) -> Path:
         """A self-describing checkpoint folder (see the module docstring)."""
+        from peft import get_peft_model_state_dict
+
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         if version:
             self.config.version = version
         for part in (self.config.llm, self.config.vision):
-            if self.source_dir and _is_subfolder(part) and not (folder / part).exists():
+            if self.source_dir and (self.source_dir / part).is_dir() and not (folder / part).exists():
                 shutil.copytree(self.source_dir / part, folder / part)
         self.config.save(folder)
         state = {k: v.detach().cpu().contiguous() for k, v in self.trainable_modules().state_dict().items()}
         save_file(state, folder / MODULES_FILE)
-        self.llm.save_pretrained(folder / "adapter")
+        # This version's adapter only, flat in adapter/ (peft's own save_pretrained would put an
+        # adapter not named "default" into a sub-folder, and would save every loaded version).
+        adapter_dir = folder / ADAPTER_DIR
+        adapter_dir.mkdir(exist_ok=True)
+        adapter = get_peft_model_state_dict(self.llm, adapter_name=self.adapter_name)
+        save_file({k: v.detach().cpu().contiguous() for k, v in adapter.items()},
+                  adapter_dir / "adapter_model.safetensors", metadata={"format": "pt"})
+        adapter_config = copy.deepcopy(self.llm.peft_config[self.adapter_name])
+        adapter_config.inference_mode = True
+        adapter_config.save_pretrained(str(adapter_dir))
         self.tokenizer.save_pretrained(folder / "tokenizer")
         self.image_processor.save_pretrained(folder / "processor")
         return folder
@@ -253,33 +384,37 @@ class EmoLlama(nn.Module):
     def from_pretrained(cls, name_or_path: str | Path, device: str | torch.device = "cpu",
                         dtype: torch.dtype = torch.float32, trainable: bool = False) -> "EmoLlama":
         folder = resolve_checkpoint(name_or_path)
+        config = _load_config(folder, name_or_path)
         try:
-            config = EmoLlamaConfig.load(folder)
-        except (OSError, ValueError) as exc:
-            raise ModelLoadError(f"{name_or_path}: not an EMO-LLaMA checkpoint ({exc})") from None
-        try:
-            model = cls.from_parts(config, folder, trainable=trainable)
+            model = cls.from_parts(config, folder, trainable=trainable, dtype=dtype)
         except ModelLoadError:
             raise
-        except (OSError, ValueError, RuntimeError, KeyError) as exc:
-            raise ModelLoadError(f"{name_or_path}: cannot load the checkpoint ({exc})") from None
+        except Exception as exc:  # corrupt weights, wrong shapes, missing files: all one message
+            raise ModelLoadError(f"{name_or_path}: cannot load the checkpoint "
+                                 f"({type(exc).__name__}: {exc})") from None
         return model.to(device=device, dtype=dtype).train(trainable)
 
     @classmethod
     def from_parts(cls, config: EmoLlamaConfig, folder: Path | None = None,
-                   trainable: bool = False) -> "EmoLlama":
+                   trainable: bool = False, dtype: torch.dtype | None = None) -> "EmoLlama":
         """Base parts named by the config + (when the folder has them) trained weights."""
-        from peft import LoraConfig, PeftModel, get_peft_model
+        from peft import PeftModel, get_peft_model
         from transformers import AutoImageProcessor, AutoModelForCausalLM, AutoTokenizer
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
 
         def where(part: str) -> str:
-            return str(folder / part) if folder is not None and _is_subfolder(part) else part
+            """A bare name ("llm") is a sub-folder of the checkpoint; "org/name" a hub id or path."""
+            if folder is not None and "/" not in part and not Path(part).is_absolute():
+                if not (folder / part).is_dir():
+                    raise ModelLoadError(f"{folder}: cannot load the checkpoint: its {part}/ folder "
+                                         "is missing")
+                return str(folder / part)
+            return part
 
-        llm = AutoModelForCausalLM.from_pretrained(where(config.llm))
-        vision = load_vision_encoder(where(config.vision))
+        llm = AutoModelForCausalLM.from_pretrained(where(config.llm), dtype=dtype)
+        vision = load_vision_encoder(where(config.vision), dtype=dtype)
         tokenizer_dir = folder / "tokenizer" if folder is not None and (folder / "tokenizer").exists() else None
         tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir or where(config.llm)))
         if not tokenizer.chat_template:
@@ -288,26 +423,108 @@ class EmoLlama(nn.Module):
             tokenizer.pad_token = tokenizer.eos_token
         processor_dir = folder / "processor" if folder is not None and (folder / "processor").exists() else None
         processor = AutoImageProcessor.from_pretrained(str(processor_dir or where(config.vision)))
-        if folder is not None and (folder / "adapter").exists():
-            llm = PeftModel.from_pretrained(llm, str(folder / "adapter"), is_trainable=trainable)
+        if folder is not None and (folder / ADAPTER_DIR).exists():
+            llm = PeftModel.from_pretrained(llm, str(folder / ADAPTER_DIR), is_trainable=trainable)
         else:
-            llm = get_peft_model(llm, LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha,
-                                                 lora_dropout=config.lora_dropout,
-                                                 target_modules=config.lora_targets, task_type="CAUSAL_LM"))
+            llm = get_peft_model(llm, lora_config(config))
         model = cls(config, llm, vision, tokenizer, processor, source_dir=folder)
         if folder is not None and (folder / MODULES_FILE).exists():
             model.trainable_modules().load_state_dict(load_file(folder / MODULES_FILE))
         model.trainable_modules().requires_grad_(trainable or folder is None)
         return model
 
+    @classmethod
+    def from_configs(cls, config: EmoLlamaConfig, llm_config, vision_config, tokenizer,
+                     image_processor) -> "EmoLlama":
+        """An untrained model from base *configs*, no weights read: under `torch.device("meta")`
+        this checks real base models' sizes offline (tests/test_model.py does, for Vicuna-7B +
+        CLIP ViT-L/14-336)."""
+        from peft import get_peft_model
+        from transformers import AutoModel, AutoModelForCausalLM
+
+        llm = get_peft_model(AutoModelForCausalLM.from_config(llm_config), lora_config(config))
+        vision = AutoModel.from_config(vision_config)
+        return cls(config, llm, getattr(vision, "vision_model", vision), tokenizer, image_processor)
+
+    # ------------------------------------------------------------------ versions on one base
+    def load_version(self, name_or_path: str | Path, trainable: bool = False) -> "EmoLlama":
+        """Another version (its LoRA adapter + trainable modules) on this model's frozen base.
+
+        The LLM and the vision encoder are shared, not loaded again: the new version costs only
+        its adapter and modules. Both versions stay usable (each LLM call activates its own
+        adapter under a shared lock), so in-flight work can finish on the old one; call
+        `release()` on a version no longer needed. A version built on another base raises
+        ModelLoadError: load that one with `EmoLlama.from_pretrained`.
+        """
+        from transformers import AutoImageProcessor, AutoTokenizer
+
+        folder = resolve_checkpoint(name_or_path)
+        config = _load_config(folder, name_or_path)
+        mine, theirs = self.config.base_key(), config.base_key()
+        if mine is None or mine != theirs:
+            raise ModelLoadError(f"{name_or_path}: built on base {theirs or 'unknown'}, not on the "
+                                 f"loaded base {mine or 'unknown'}; load it with from_pretrained")
+        adapter_name = f"version_{next(_adapter_names)}"
+        try:
+            with self._llm_lock:
+                self.llm.load_adapter(str(folder / ADAPTER_DIR), adapter_name=adapter_name,
+                                      is_trainable=trainable, autocast_adapter_dtype=False)
+            for name, p in self.llm.named_parameters():
+                if f".{adapter_name}." in name:
+                    p.data = p.data.to(self.dtype)
+            tokenizer = (AutoTokenizer.from_pretrained(str(folder / "tokenizer"))
+                         if (folder / "tokenizer").exists() else self.tokenizer)
+            processor = (AutoImageProcessor.from_pretrained(str(folder / "processor"))
+                         if (folder / "processor").exists() else self.image_processor)
+            other = type(self)(config, self.llm, self.vision, tokenizer, processor, source_dir=folder,
+                               adapter_name=adapter_name, llm_lock=self._llm_lock)
+            other.trainable_modules().load_state_dict(load_file(folder / MODULES_FILE))
+            other.trainable_modules().to(device=self.device, dtype=self.dtype).requires_grad_(trainable)
+        except Exception as exc:
+            with self._llm_lock:
+                if adapter_name in self.llm.peft_config:
+                    self.llm.delete_adapter(adapter_name)
+            raise ModelLoadError(f"{name_or_path}: cannot load the version "
+                                 f"({type(exc).__name__}: {exc})") from None
+        return other.train(trainable)
+
+    def release(self) -> None:
+        """Drop this version's adapter from a shared base (the base stays for the others)."""
+        with self._llm_lock:
+            others = [name for name in self.llm.peft_config if name != self.adapter_name]
+            if others and self.adapter_name in self.llm.peft_config:
+                if self.llm.active_adapter == self.adapter_name:
+                    self.llm.set_adapter(others[0], inference_mode=True)
+                self.llm.delete_adapter(self.adapter_name)
+                self._released = True
+
     def parameter_report(self) -> dict[str, int]:
         trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
         return {"trainable": trainable, "total": sum(p.numel() for p in self.parameters())}
 
+    def token_budget(self, kind: str = "image", num_frames: int = 1, question: str | None = None) -> dict:
+        """LLM input positions for one request: media tokens + the prompt's text tokens."""
+        from core.model.prompt import category_question
 
-def _is_subfolder(part: str) -> bool:
-    """A base part stored inside the checkpoint ("llm", "vision") rather than a hub id/abs path."""
-    return not Path(part).is_absolute() and "/" not in part
+        question = question or category_question(self.config.label_set, kind)
+        before, after = split_prompt(self.tokenizer, question)
+        text = len(self._ids(before)) + len(self._ids(after))
+        media = self.config.visual_token_budget(num_frames)
+        return {"frames": num_frames, "media": media, "text": text, "total": media + text}
+
+
+def lora_config(config: EmoLlamaConfig):
+    from peft import LoraConfig
+
+    return LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
+                      target_modules=config.lora_targets, task_type="CAUSAL_LM")
+
+
+def _load_config(folder: Path, name_or_path) -> EmoLlamaConfig:
+    try:
+        return EmoLlamaConfig.load(folder)
+    except (OSError, ValueError, TypeError) as exc:
+        raise ModelLoadError(f"{name_or_path}: not an EMO-LLaMA checkpoint ({exc})") from None
 
 
 def resolve_checkpoint(name_or_path: str | Path) -> Path:

@@ -14,6 +14,8 @@ CONVERSATION_QUESTION = ("Describe the facial expression of the person in the {m
                          "facial evidence for it.")
 
 _GENDER_NOUNS = {"female": "woman", "male": "man"}
+_CHILD_NOUNS = {"female": "girl", "male": "boy"}
+_CHILD_AGES = {"0-2", "3-9"}  # FairFace's brackets below ten
 
 
 def agr_sentence(attributes) -> str:
@@ -21,14 +23,19 @@ def agr_sentence(attributes) -> str:
 
     >>> agr_sentence(Attributes(age="30-39", gender="female", race="East Asian"))
     'The person appears to be a 30-39 year old East Asian woman.'
+
+    Parts the attribute network did not give are left out, never guessed.
     """
     if attributes is None:
         return ""
-    age, gender, race = attributes.age, attributes.gender, attributes.race
-    noun = _GENDER_NOUNS.get(str(gender).lower(), "person")
-    age_part = f"{age} year old " if age else ""
-    race_part = f"{race} " if race else ""
-    return f"The person appears to be a {age_part}{race_part}{noun}."
+    age, gender, race = (str(getattr(attributes, k, "") or "").strip() for k in ("age", "gender", "race"))
+    if not (age or gender or race):
+        return ""
+    nouns = _CHILD_NOUNS if age in _CHILD_AGES else _GENDER_NOUNS
+    words = [f"{age} year old" if age else "", race, nouns.get(gender.lower(), "person")]
+    phrase = " ".join(w for w in words if w)
+    article = "an" if phrase[0].lower() in "aeiou" or phrase.startswith(("8", "11", "18")) else "a"
+    return f"The person appears to be {article} {phrase}."
 
 
 def category_question(label_set: list[str], medium: str = "image") -> str:

@@ -19,9 +19,22 @@ from transformers import AutoModel, Blip2QFormerConfig, Blip2QFormerModel
 from core.model.config import EmoLlamaConfig
 
 
-def load_vision_encoder(name_or_path: str) -> nn.Module:
-    """A transformers vision encoder; a full CLIP/SigLIP checkpoint gives its vision half."""
-    model = AutoModel.from_pretrained(name_or_path)
+def load_vision_encoder(name_or_path: str, dtype: torch.dtype | None = None) -> nn.Module:
+    """A transformers vision encoder; a full CLIP/SigLIP checkpoint gives its vision half.
+
+    For a two-tower checkpoint (CLIP, SigLIP) only the vision tower's class is built, so the
+    text tower's weights are never materialised.
+    """
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_MAPPING
+
+    config = AutoConfig.from_pretrained(name_or_path)
+    vision_config = getattr(config, "vision_config", None)
+    if vision_config is not None and type(vision_config) in MODEL_MAPPING:
+        model = MODEL_MAPPING[type(vision_config)].from_pretrained(name_or_path, config=vision_config,
+                                                                   dtype=dtype)
+    else:
+        model = AutoModel.from_pretrained(name_or_path, dtype=dtype)
     return getattr(model, "vision_model", model)
 
 
@@ -70,5 +83,19 @@ class FrameTokens(nn.Module):
         q = self.query_to_vision(text_queries)                                # (F, M, Dv)
         attention = torch.softmax(q @ patches.transpose(1, 2) / math.sqrt(patches.shape[-1]), dim=-1)
         context = (attention @ patches).mean(dim=1, keepdim=True)              # (F, 1, Dv)
-        content = F.adaptive_avg_pool1d(patches.transpose(1, 2), self.config.content_tokens)
-        return torch.cat([self.context_proj(context), self.content_proj(content.transpose(1, 2))], dim=1)
+        content = pool_patches(patches, self.config.content_tokens)            # (F, C, Dv)
+        return torch.cat([self.context_proj(context), self.content_proj(content)], dim=1)
+
+
+def pool_patches(patches: torch.Tensor, tokens: int) -> torch.Tensor:
+    """(F, P, D) patches -> (F, tokens, D) content tokens: average pooling over the patch grid.
+
+    A square `tokens` (1, 4, 16, 64...) pools the 2-D grid into that many cells, row by row, so
+    each content token covers one region of the frame; any other count pools the patch sequence.
+    """
+    frames, count, dim = patches.shape
+    side, cells = math.isqrt(count), math.isqrt(tokens)
+    if side * side == count and cells * cells == tokens:
+        grid = patches.transpose(1, 2).reshape(frames, dim, side, side)
+        return F.adaptive_avg_pool2d(grid, cells).flatten(2).transpose(1, 2)
+    return F.adaptive_avg_pool1d(patches.transpose(1, 2), tokens).transpose(1, 2)

@@ -1,0 +1,85 @@
+"""The words around the media: AGR sentence, question templates, chat layout, label parsing."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+
+from core.faces import Attributes
+from core.labels import BASIC7, MAFW11, parse_label
+from core.model.prompt import (MEDIA_MARKER, agr_sentence, category_question, conversation_question,
+                               split_prompt, user_message)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from core.model.build import build_tiny_tokenizer
+
+    return build_tiny_tokenizer()
+
+
+@pytest.mark.parametrize("attributes, sentence", [
+    (Attributes(age="30-39", gender="female", race="East Asian"),
+     "The person appears to be a 30-39 year old East Asian woman."),
+    (Attributes(age="20-29", gender="male", race="Black"),
+     "The person appears to be a 20-29 year old Black man."),
+    (Attributes(age="3-9", gender="female", race="Latino/Hispanic"),
+     "The person appears to be a 3-9 year old Latino/Hispanic girl."),
+    (Attributes(age="", gender="male", race="Indian"),          # no age: the article follows the race
+     "The person appears to be an Indian man."),
+    (Attributes(age="70+", gender="", race=""),                 # unknown gender: "person", not a guess
+     "The person appears to be a 70+ year old person."),
+])
+def test_agr_sentence_template(attributes, sentence):
+    assert agr_sentence(attributes) == sentence
+
+
+def test_agr_sentence_is_empty_when_nothing_is_known():
+    assert agr_sentence(None) == ""
+    assert agr_sentence(Attributes(age="", gender="", race="")) == ""
+
+
+def test_questions_name_the_medium_and_every_option_in_order():
+    question = category_question(MAFW11, "video")
+    assert "video" in question and question.endswith(", ".join(MAFW11) + ".")
+    assert "image" in conversation_question("image") and "evidence" in conversation_question("image")
+
+
+def test_user_message_puts_media_first_and_agr_only_when_known():
+    attrs = Attributes(age="30-39", gender="female", race="East Asian")
+    assert user_message("  Why?  ", attrs).split("\n") == [MEDIA_MARKER, agr_sentence(attrs), "Why?"]
+    assert user_message("Why?", None).split("\n") == [MEDIA_MARKER, "Why?"]
+
+
+def test_split_prompt_cuts_the_chat_template_at_the_media(tokenizer):
+    attrs = Attributes(age="30-39", gender="female", race="East Asian")
+    question = category_question(BASIC7)
+    before, after = split_prompt(tokenizer, question, attrs)
+    rendered = tokenizer.apply_chat_template([{"role": "user", "content": user_message(question, attrs)}],
+                                             tokenize=False, add_generation_prompt=True)
+    assert before + MEDIA_MARKER + after == rendered
+    assert before.startswith("<|user|>") and after.endswith("<|assistant|>\n")
+    assert "30-39 year old East Asian woman" in after and question in after
+    _, after = split_prompt(tokenizer, question, None)
+    assert "appears to be" not in after
+
+
+def test_vicuna_layout_is_used_when_the_llm_has_no_template(tokenizer):
+    from core.model.modeling import DEFAULT_CHAT_TEMPLATE
+
+    bare = copy.deepcopy(tokenizer)
+    bare.chat_template = DEFAULT_CHAT_TEMPLATE
+    before, after = split_prompt(bare, "What is the expression?")
+    assert before == "USER: " and after == "\nWhat is the expression? ASSISTANT:"
+
+
+@pytest.mark.parametrize("text, label_set, label", [
+    ("The person looks happy, cheeks raised", None, "happiness"),
+    ("Angry: lowered brows and pressed lips", None, "anger"),
+    ("She seems SCARED.", None, "fear"),
+    ("a contemptuous smirk", BASIC7, None),       # contempt is not in the 7 basic labels
+    ("a contemptuous smirk", MAFW11, "contempt"),
+    ("nothing to see here", None, None),
+])
+def test_parse_label_maps_free_text_to_labels(text, label_set, label):
+    assert parse_label(text, label_set) == label
