@@ -88,9 +88,12 @@ class Engine:
     def __init__(self, model: str | None = None, config: EngineConfig | None = None):
         self.config = config or EngineConfig()
         self.device, self.dtype = _pick_device(self.config.device)
-        self.faces = shared_analyzer(FaceConfig())
         self._model = self._load(model) if model else None
+        # Face embeddings must come from the prior network the checkpoint was trained with.
+        prior = self._model.config.prior if self._model is not None else FaceConfig().prior
+        self.faces = shared_analyzer(FaceConfig(prior=prior))
         self._swap_lock = threading.Lock()
+        self._retired: list = []  # versions swapped out that share the base; released between batches
         self._queue: queue.Queue[_Request] = queue.Queue()
         self._pool = ThreadPoolExecutor(self.config.preprocess_workers, thread_name_prefix="engine-prep")
         self._ids = itertools.count(1)
@@ -112,12 +115,29 @@ class Engine:
         return model.eval()
 
     def load_version(self, folder_or_id: str, name: str | None = None) -> None:
-        """Load a version beside the serving one, then switch; failures leave serving untouched."""
-        model = self._load(folder_or_id)
+        """Load a version beside the serving one, then switch; failures leave serving untouched.
+
+        A version built on the serving base loads only its adapter and modules onto that base;
+        the old version's adapter is released by the model thread between batches, so requests
+        in flight finish on the version they started with.
+        """
+        from core.errors import ModelLoadError
+
+        current, model = self._model, None
+        if current is not None and hasattr(current, "load_version"):
+            try:
+                model = current.load_version(folder_or_id).eval()
+            except ModelLoadError as exc:
+                if "built on base" not in str(exc):
+                    raise
+        if model is None:
+            model = self._load(folder_or_id)
         if name:
             model.config.version = name
         with self._swap_lock:
-            self._model = model
+            old, self._model = self._model, model
+            if old is not None and getattr(old, "llm", None) is getattr(model, "llm", object()):
+                self._retired.append(old)
         log.info("now serving %s", self.info["model_version"])
 
     @property
@@ -275,6 +295,10 @@ class Engine:
 
     def _model_loop(self) -> None:
         while not self._closed.is_set():
+            with self._swap_lock:
+                retired, self._retired = self._retired, []
+            for old in retired:  # no batch is running: nothing uses these versions any more
+                old.release()
             batch = self._next_batch()
             if not batch:
                 continue

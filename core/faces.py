@@ -215,7 +215,12 @@ class TransformersPrior:
             out = self.model(**inputs, output_hidden_states=True)
         logits = out.logits.float()
         hidden = out.hidden_states[-1].float()
-        embedding = hidden.mean(dim=tuple(range(1, hidden.dim() - 1))) if hidden.dim() > 2 else hidden
+        if hidden.dim() == 4:    # CNN feature map (B, C, H, W): pool the spatial dimensions
+            embedding = hidden.mean(dim=(2, 3))
+        elif hidden.dim() == 3:  # transformer tokens (B, T, D): pool the tokens
+            embedding = hidden.mean(dim=1)
+        else:
+            embedding = hidden
         keep = sorted(self._index)
         probs = torch.softmax(logits[:, keep], dim=-1).numpy()
         merged = np.zeros((len(crops), len(self.labels)), dtype=np.float32)

@@ -144,3 +144,20 @@ def test_hot_swap_under_load_drops_nothing(tiny_checkpoint, files, tmp_path):  #
         assert engine.info["model_version"] == "tiny-test-fixture:v2"  # a failed load changes nothing
     finally:
         engine.close()
+
+
+def test_hot_swap_onto_the_same_base_shares_it_and_releases_the_old_adapter(tiny_checkpoint, files, tmp_path):  # noqa: F811
+    from core.model.modeling import EmoLlama
+
+    base = EmoLlama.from_pretrained(tiny_checkpoint)
+    folder = base.save_pretrained(tmp_path / "v3", version="v3")  # same base, its own adapter
+    engine = Engine(str(tiny_checkpoint), EngineConfig(num_frames=2, max_new_tokens=4))
+    try:
+        before = engine._model
+        engine.load_version(str(folder))
+        assert engine._model.llm is before.llm  # the frozen base was not loaded twice
+        result = engine.predict(files["face"])
+        assert result["model_version"] == "tiny-test-fixture:v3"
+        assert before.adapter_name not in engine._model.llm.peft_config  # released between batches
+    finally:
+        engine.close()
