@@ -142,6 +142,8 @@ class Review(Base):
     reviewer_id: Mapped[int] = mapped_column(ForeignKey("users.id"))
     decision: Mapped[str] = mapped_column(String(16))               # accepted | rejected
     comment: Mapped[str | None] = mapped_column(Text)
+    # The response version the reviewer saw: an edit after the review makes the review stale.
+    response_version: Mapped[int | None] = mapped_column(Integer)
     at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 

@@ -10,18 +10,20 @@ under EMO_DATA_DIR (./data). SQLite runs in WAL mode with a busy timeout and for
 """
 from __future__ import annotations
 
+import logging
 import os
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Engine, create_engine, event, make_url
 from sqlalchemy.orm import Session, sessionmaker
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 SQLITE_BUSY_TIMEOUT_MS = 30_000
 
+log = logging.getLogger(__name__)
 _engines: dict[str, Engine] = {}
 _lock = threading.Lock()
 
@@ -51,9 +53,9 @@ def get_engine(url: str | None = None) -> Engine:
     with _lock:
         if url not in _engines:
             if url.startswith("sqlite"):
-                database = url.split("///", 1)[-1]
-                if database and database != ":memory:":
-                    Path(database).parent.mkdir(parents=True, exist_ok=True)
+                database = sqlite_path(url)
+                if database is not None:
+                    database.parent.mkdir(parents=True, exist_ok=True)
                 engine = create_engine(url, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000,
                                                           "check_same_thread": False})
                 event.listen(engine, "connect", _sqlite_pragmas)
@@ -61,6 +63,22 @@ def get_engine(url: str | None = None) -> Engine:
                 engine = create_engine(url, pool_pre_ping=True)
             _engines[url] = engine
         return _engines[url]
+
+
+def sqlite_path(url: str | None = None) -> Path | None:
+    """The database file of a SQLite URL; None for other databases and in-memory SQLite."""
+    parsed = make_url(url or database_url())
+    if parsed.get_backend_name() != "sqlite" or parsed.database in (None, "", ":memory:"):
+        return None
+    return Path(parsed.database)
+
+
+def dispose_engine(url: str | None = None) -> None:
+    """Close the pooled connections of one URL's engine and forget it (tests, backups)."""
+    with _lock:
+        engine = _engines.pop(url or database_url(), None)
+    if engine is not None:
+        engine.dispose()
 
 
 def alembic_config(url: str | None = None):
@@ -74,9 +92,19 @@ def alembic_config(url: str | None = None):
 
 def init_db(url: str | None = None) -> None:
     """Bring the schema to the newest migration (safe to call on every start)."""
+    logging.getLogger("alembic").setLevel(logging.WARNING)  # its INFO lines on every start are noise
     from alembic import command
+    from alembic.runtime.migration import MigrationContext
+    from alembic.script import ScriptDirectory
 
-    command.upgrade(alembic_config(url), "head")
+    config = alembic_config(url)
+    head = ScriptDirectory.from_config(config).get_current_head()
+    with get_engine(url).connect() as connection:
+        current = MigrationContext.configure(connection).get_current_revision()
+    if current == head:
+        return  # the common case on start: nothing to do
+    log.info("upgrading the database schema from %s to %s", current or "empty", head)
+    command.upgrade(config, "head")
 
 
 @contextmanager
@@ -91,3 +119,48 @@ def session_scope(url: str | None = None) -> Iterator[Session]:
         raise
     finally:
         session.close()
+
+
+def backup(out: str | os.PathLike, url: str | None = None) -> Path:
+    """Copy the SQLite store with SQLite's online backup API (safe while the app writes).
+
+    `out`: a file path, or an existing folder (the copy is named emo_studio-<UTC time>.db).
+    The copy is written beside its target, checked with `PRAGMA integrity_check`, then renamed.
+    """
+    import sqlite3
+    from datetime import datetime, timezone
+
+    from core.errors import UserError
+
+    source = sqlite_path(url)
+    if source is None:
+        raise UserError("backup copies a SQLite store; for another database use its own tool "
+                        "(e.g. pg_dump for PostgreSQL)")
+    if not source.exists():
+        raise UserError(f"{source}: no database file to back up")
+    target = Path(out).expanduser()
+    if target.is_dir():
+        stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
+        target = target / f"{source.stem}-{stamp}.db"
+    if target.exists():
+        raise UserError(f"{target} exists; choose a new file name")
+    if target.resolve() == source.resolve():
+        raise UserError("the backup cannot overwrite the database itself")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = target.with_name(f".{target.name}.partial")
+    partial.unlink(missing_ok=True)
+    src = sqlite3.connect(source, timeout=SQLITE_BUSY_TIMEOUT_MS / 1000)
+    dst = sqlite3.connect(partial)
+    try:
+        # Page steps let writers in between; the API restarts a step a writer interfered with.
+        src.backup(dst, pages=1024)
+        dst.execute("PRAGMA journal_mode=DELETE")  # a single self-contained file, no -wal
+        status = dst.execute("PRAGMA integrity_check").fetchone()[0]
+    finally:
+        dst.close()
+        src.close()
+    if status != "ok":
+        partial.unlink(missing_ok=True)
+        raise UserError(f"the backup failed its integrity check ({status}); nothing was written")
+    os.replace(partial, target)
+    return target.resolve()

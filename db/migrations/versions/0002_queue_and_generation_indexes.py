@@ -5,7 +5,6 @@ Revises: 0001
 Create Date: 2026-11-24 15:57:53.686493
 """
 from alembic import op
-import sqlalchemy as sa
 
 
 revision = '0002'
