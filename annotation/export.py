@@ -57,13 +57,12 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import aliased
 
 from core.errors import UserError
+from core.model.prompt import category_question  # the exact question the model is scored with
 from db.models import Dataset, ExportSnapshot, Response, Review, Sample, Suggestion, User
 from db.session import data_dir, session_scope
 
 FORMAT = "emo-llama-instructions/1"
 SPLIT_ORDER = {"train": 0, "val": 1, "test": 2}
-CATEGORY_QUESTION = ("What is the facial expression of the person in the {kind}? "
-                     "Choose one from the following options: {options}.")
 # A few phrasings of the free-form question, picked by content hash so every run agrees.
 CONVERSATION_QUESTIONS = [
     "Describe the facial expression of the person in the {kind} and explain which facial "
@@ -150,7 +149,7 @@ def build_records(dataset: str, include_suggestions: bool = False,
         label, explanation, source = answers[sample.id]
         conversation_q = CONVERSATION_QUESTIONS[int(sample.content_hash, 16) % len(CONVERSATION_QUESTIONS)]
         for task, question, answer in (
-                ("category", CATEGORY_QUESTION.format(kind=kind, options=options), label),
+                ("category", category_question(info["label_set"], kind), label),
                 ("conversation", conversation_q.format(kind=kind), explanation)):
             records.append({
                 "id": f"{info['name']}-{sample.content_hash[:16]}-{task}",

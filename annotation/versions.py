@@ -1,0 +1,160 @@
+"""Model versions: a registry of checkpoint folders, the publish gate, rollback, the serving one.
+
+    python app.py versions list
+    python app.py versions publish v3        # only if v3's UAR holds up against its parent
+    python app.py versions rollback v1
+
+A version is a checkpoint folder under `<data dir>/models/<name>` (written by a fine-tune job
+into a temporary folder and renamed into place, so a half-written version never exists) plus a
+`ModelVersion` row: parent, snapshot, job, metrics per `dataset/split`, published, serving.
+Publishing or rolling back hot-swaps the engine of this process when one is running.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from sqlalchemy import select
+
+from core.errors import UserError
+from db.models import ModelVersion
+from db.session import data_dir, session_scope
+
+log = logging.getLogger(__name__)
+
+
+def models_dir() -> Path:
+    path = data_dir() / "models"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _as_dict(v: ModelVersion, names: dict[int, str]) -> dict:
+    return {"name": v.name, "folder": v.folder, "parent": names.get(v.parent_id),
+            "snapshot_id": v.snapshot_id, "job_id": v.job_id, "metrics": v.metrics or {},
+            "published": v.published, "is_serving": v.is_serving, "is_tiny": v.is_tiny,
+            "created_at": v.created_at.isoformat() if v.created_at else None}
+
+
+def list_versions(url: str | None = None) -> list[dict]:
+    with session_scope(url) as s:
+        rows = list(s.scalars(select(ModelVersion).order_by(ModelVersion.id)))
+        names = {v.id: v.name for v in rows}
+        return [_as_dict(v, names) for v in rows]
+
+
+def find_version(name_or_folder: str, url: str | None = None) -> dict | None:
+    for v in list_versions(url):
+        if v["name"] == str(name_or_folder) or Path(v["folder"]) == Path(str(name_or_folder)):
+            return v
+    return None
+
+
+def version_folder(name_or_folder: str, url: str | None = None) -> str:
+    """The checkpoint folder of a registered version, or the argument itself (a folder / hub id)."""
+    version = find_version(name_or_folder, url)
+    return version["folder"] if version else str(name_or_folder)
+
+
+def serving_version(url: str | None = None) -> dict | None:
+    return next((v for v in list_versions(url) if v["is_serving"]), None)
+
+
+def register_version(name: str, folder: str | Path, parent: str | None = None,
+                     snapshot_id: int | None = None, job_id: int | None = None,
+                     metrics: dict | None = None, is_tiny: bool = False, published: bool = False,
+                     serving: bool = False, url: str | None = None) -> dict:
+    with session_scope(url) as s:
+        if s.scalar(select(ModelVersion).where(ModelVersion.name == name)) is not None:
+            raise UserError(f"a model version named {name!r} exists already")
+        parent_row = s.scalar(select(ModelVersion).where(ModelVersion.name == parent)) if parent else None
+        if serving:
+            for row in s.scalars(select(ModelVersion).where(ModelVersion.is_serving)):
+                row.is_serving = False
+        s.add(ModelVersion(name=name, folder=str(folder), parent_id=parent_row.id if parent_row else None,
+                           snapshot_id=snapshot_id, job_id=job_id, metrics=metrics or {},
+                           is_tiny=is_tiny, published=published or serving, is_serving=serving))
+    return find_version(name, url)
+
+
+def ensure_registered(folder: str, url: str | None = None) -> dict:
+    """The version row of a checkpoint folder, registering it under its config's version name."""
+    from core.model.config import EmoLlamaConfig
+
+    found = find_version(folder, url)
+    if found:
+        return found
+    config = EmoLlamaConfig.load(folder)
+    name = config.version if not find_version(config.version, url) else f"{config.version}-{Path(folder).name}"
+    return register_version(name, folder, is_tiny=config.is_tiny, published=True, url=url)
+
+
+def record_metrics(name: str, metrics: dict, url: str | None = None) -> None:
+    with session_scope(url) as s:
+        row = s.scalar(select(ModelVersion).where(ModelVersion.name == name))
+        if row is not None:
+            row.metrics = {**(row.metrics or {}), **metrics}
+
+
+def gate(candidate: dict, parent: dict | None, key: str, margin: float) -> tuple[bool, str]:
+    """Publish only if the candidate's UAR on `key` (dataset/split) is no worse than its parent's
+    minus `margin`. A version without a parent measurement cannot be compared and passes."""
+    new = (candidate.get("metrics") or {}).get(key, {}).get("uar")
+    if new is None:
+        return False, f"{candidate['name']} has no UAR on {key}"
+    old = ((parent or {}).get("metrics") or {}).get(key, {}).get("uar")
+    if old is None:
+        return True, f"UAR {new:.3f} on {key} (no parent measurement to compare)"
+    if new >= old - margin:
+        return True, f"UAR {new:.3f} vs parent {old:.3f} on {key} (margin {margin})"
+    return False, f"UAR {new:.3f} dropped below parent {old:.3f} - {margin} on {key}"
+
+
+def publish(name: str, key: str | None = None, margin: float = 0.0, force: bool = False,
+            url: str | None = None) -> dict:
+    """Gate-check a version, mark it published and serving, and hot-swap this process's engine."""
+    version = find_version(name, url)
+    if version is None:
+        raise UserError(f"no model version named {name!r}")
+    if not force:
+        parent = find_version(version["parent"], url) if version["parent"] else None
+        keys = [key] if key else list((version["metrics"] or {}).keys())
+        if not keys:
+            raise UserError(f"{name} has not been evaluated; run `python app.py evaluate --version {name} ...`")
+        for k in keys:
+            ok, why = gate(version, parent, k, margin)
+            if not ok:
+                raise UserError(f"not published: {why}")
+    return _serve(name, url)
+
+
+def rollback(name: str, url: str | None = None) -> dict:
+    """Serve an earlier published version again."""
+    version = find_version(name, url)
+    if version is None or not version["published"]:
+        raise UserError(f"{name!r} is not a published version")
+    return _serve(name, url)
+
+
+def _serve(name: str, url: str | None) -> dict:
+    with session_scope(url) as s:
+        for row in s.scalars(select(ModelVersion)):
+            row.is_serving = row.name == name
+            if row.name == name:
+                row.published = True
+    version = find_version(name, url)
+    activate_in_engine(version)
+    return version
+
+
+def activate_in_engine(version: dict) -> bool:
+    """Hot-swap the running engine of this process (if any) to `version`."""
+    import core.engine as engine_module
+
+    engine = engine_module._shared
+    if engine is None:
+        return False
+    if engine.info["model_version"].split(":")[-1] == version["name"]:
+        return True
+    engine.load_version(version["folder"], name=version["name"])
+    return True

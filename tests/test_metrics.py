@@ -1,0 +1,44 @@
+"""Evaluation metrics against values computed by hand."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from annotation.evaluate import confusion_matrix, per_class_recall, report, rouge_l, save_confusion_png, uar, war
+
+LABELS = ["neutral", "happiness", "sadness"]
+#                 predicted: neu hap sad
+FIXED = np.array([[5, 1, 4],   # neutral:   10 true, 5 right -> recall 0.5
+                  [0, 8, 0],   # happiness:  8 true, 8 right -> recall 1.0
+                  [1, 1, 0]])  # sadness:    2 true, 0 right -> recall 0.0
+
+
+def test_war_and_uar_on_a_fixed_confusion_matrix():
+    assert war(FIXED) == pytest.approx(13 / 20)                 # accuracy over samples
+    assert uar(FIXED) == pytest.approx((0.5 + 1.0 + 0.0) / 3)   # mean per-class recall
+    assert per_class_recall(FIXED, LABELS) == {"neutral": 0.5, "happiness": 1.0, "sadness": 0.0}
+
+
+def test_confusion_matrix_from_labels_and_absent_classes():
+    truth = ["neutral"] * 10 + ["happiness"] * 8 + ["sadness"] * 2
+    predicted = (["neutral"] * 5 + ["happiness"] + ["sadness"] * 4 + ["happiness"] * 8
+                 + ["neutral", "happiness"])
+    assert (confusion_matrix(truth, predicted, LABELS) == FIXED).all()
+    only_two = confusion_matrix(["neutral", "happiness"], ["neutral", "neutral"], LABELS)
+    assert per_class_recall(only_two, LABELS)["sadness"] is None
+    assert uar(only_two) == pytest.approx(0.5)  # sadness has no samples: not averaged in
+    r = report(truth, predicted, LABELS)
+    assert r["n"] == 20 and r["confusion"] == FIXED.tolist()
+
+
+def test_rouge_l_by_hand():
+    # LCS("the cheeks are raised", "cheeks raised and lips pulled") = "cheeks raised" (2 tokens):
+    # precision 2/4, recall 2/5 -> F1 = 2 * 0.5 * 0.4 / 0.9
+    assert rouge_l("The cheeks are raised", "cheeks raised and lips pulled") == pytest.approx(0.8 / 1.8)
+    assert rouge_l("same words here", "same words here") == pytest.approx(1.0)
+    assert rouge_l("", "anything") == 0.0 and rouge_l("abc", "xyz") == 0.0
+
+
+def test_confusion_png_is_written(tmp_path):
+    path = save_confusion_png(FIXED, LABELS, tmp_path / "cm.png", "test")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
