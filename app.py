@@ -21,7 +21,7 @@ COMMAND_MODULES = [
     "webapp.cli",          # serve
     "core.cli",            # faces
     "core.model.cli",      # build-model, predict
-    "annotation.cli_data",  # import, export, users, backup
+    "annotation.cli_data",  # import, annotate, export, users, backup
     "annotation.cli_gemini",  # generate
     "annotation.cli_training",  # finetune, evaluate
 ]

@@ -1,12 +1,21 @@
-"""Data commands: import a dataset, export a snapshot, manage users, back up the store.
+"""Data commands: import a dataset, annotate from a terminal, export a snapshot, manage users,
+back up the store.
 
     python app.py import --format rafdb /data/RAF-DB/basic --name rafdb
+    python app.py annotate next --dataset rafdb --user ana          # claim a record, show it
+    python app.py annotate save 17 --user ana --label happiness \
+        --explanation "Cheeks raised, lip corners pulled up." --submit --version 0
+    python app.py annotate review 5 --user rita --accept --comment "good evidence"
+    python app.py annotate progress --dataset rafdb
     python app.py export --dataset rafdb --out exports/
     python app.py users add ana --role annotator          # asks for a password
     python app.py users list
     python app.py backup backups/
 
-Each command upgrades the schema first (the store may be new) and takes `--json`.
+Each command upgrades the schema first (the store may be new) and takes `--json`. `annotate`
+acts as the named user without a password: whoever runs commands on the server's store is
+trusted (the web app is where passwords are checked). A save from a stale `--version` exits 2
+and prints the newer text; the text you typed is kept in the record's history.
 """
 from __future__ import annotations
 
@@ -35,6 +44,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.set_defaults(handler=import_command)
+
+    _register_annotate(subparsers)
 
     p = subparsers.add_parser("export", help="snapshot of accepted corrections (JSONL + HF datasets)")
     p.add_argument("--dataset", required=True)
@@ -69,6 +80,42 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=backup_command)
 
 
+def _register_annotate(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("annotate", help="the annotation queue from a terminal: next, save, "
+                                               "history, review, progress")
+    actions = p.add_subparsers(dest="action", metavar="ACTION", required=True)
+    a = actions.add_parser("next", help="claim your next record and show it")
+    a.add_argument("--dataset", required=True)
+    a.add_argument("--user", required=True)
+    a = actions.add_parser("save", help="save a draft, submit or discard your correction")
+    a.add_argument("sample_id", type=int)
+    a.add_argument("--user", required=True)
+    a.add_argument("--label")
+    a.add_argument("--explanation")
+    a.add_argument("--version", type=int, required=True,
+                   help="the version you loaded (0 when the record showed no saved correction)")
+    state = a.add_mutually_exclusive_group()
+    state.add_argument("--submit", dest="status", action="store_const", const="submitted")
+    state.add_argument("--discard", dest="status", action="store_const", const="discarded")
+    a.set_defaults(status="draft")
+    a = actions.add_parser("history", help="every change to a record's corrections")
+    a.add_argument("sample_id", type=int)
+    a = actions.add_parser("review", help="accept or reject a submitted correction (reviewers)")
+    a.add_argument("response_id", nargs="?", type=int,
+                   help="the correction to judge; without it, show the next one waiting")
+    a.add_argument("--user", required=True)
+    a.add_argument("--dataset", help="with no RESPONSE_ID: the dataset to take the next one from")
+    decision = a.add_mutually_exclusive_group()
+    decision.add_argument("--accept", dest="decision", action="store_const", const="accepted")
+    decision.add_argument("--reject", dest="decision", action="store_const", const="rejected")
+    a.add_argument("--comment", default="")
+    a = actions.add_parser("progress", help="records complete, per annotator, and agreement")
+    a.add_argument("--dataset", required=True)
+    for action in actions.choices.values():
+        action.add_argument("--json", action="store_true")
+    p.set_defaults(handler=annotate_command)
+
+
 def _print(args: argparse.Namespace, payload, text: str) -> None:
     print(json.dumps(payload, indent=2, ensure_ascii=False) if args.json else text)
 
@@ -82,6 +129,91 @@ def import_command(args: argparse.Namespace) -> int:
                              fold=args.fold, label_set=args.label_set,
                              min_submitted=args.min_submitted)
     _print(args, summary.to_dict(), format_summary(summary))
+    return 0
+
+
+def _format_record(rec: dict) -> str:
+    lines = [f"record #{rec['sample_id']} of {rec['dataset']} ({rec['modality']}, {rec['split']})",
+             f"  media:        {rec['media_path']}",
+             f"  ground truth: {rec['label'] or '-'}",
+             f"  labels:       {', '.join(rec['label_set'])}"]
+    for s in rec["suggestions"]:
+        lines.append(f"  suggestion [{s['source']}, {s['status']}]: {s['label'] or '-'}: "
+                     f"{s['explanation'] or s['reject_reason'] or ''}")
+    response = rec["response"]
+    if response:
+        lines.append(f"  your {response['status']} (version {response['version']}): "
+                     f"{response['label'] or '-'}: {response['explanation'] or ''}")
+    version = response["version"] if response else 0
+    lines.append(f"  save with: python app.py annotate save {rec['sample_id']} --user USER "
+                 f"--label L --explanation TEXT [--submit] --version {version}")
+    return "\n".join(lines)
+
+
+def _format_change(h: dict) -> str:
+    after = h["after"] or {}
+    text = after.get("explanation") or after.get("comment") or ""
+    return (f"{h['at'][:19]}  {h['user']:<12} {h['action']:<10} v{after.get('version', '-')}  "
+            f"{after.get('label') or ''}  {text}").rstrip()
+
+
+def annotate_command(args: argparse.Namespace) -> int:
+    from annotation import workflow
+    from db.session import init_db
+
+    init_db()
+    if args.action == "next":
+        rec = workflow.next_record(args.user, args.dataset)
+        _print(args, rec, _format_record(rec) if rec else
+               f"nothing left for {args.user} in {args.dataset}")
+    elif args.action == "save":
+        try:
+            saved = workflow.save(args.user, args.sample_id, args.label, args.explanation,
+                                  args.status, args.version)
+        except workflow.ConflictError as exc:
+            # The one-line error for scripts, and the newer text so nobody retypes blindly.
+            print(f"error: {exc}", file=sys.stderr)
+            now = exc.current
+            _print(args, {"conflict": now},
+                   f"newer version {now.get('version')} by {now.get('user')} "
+                   f"({now.get('status')}): {now.get('label') or '-'}: {now.get('explanation') or ''}")
+            return 2
+        _print(args, saved, f"record #{saved['sample_id']}: {saved['status']} as version "
+                            f"{saved['version']} (correction #{saved['response_id']})")
+    elif args.action == "history":
+        rows = workflow.history(args.sample_id)
+        _print(args, rows, "\n".join(_format_change(h) for h in rows)
+               or f"record #{args.sample_id} has no history yet")
+    elif args.action == "review":
+        if args.response_id is None:
+            if args.dataset is None:
+                raise UserError("give a RESPONSE_ID to judge, or --dataset to see the next one")
+            item = workflow.next_review(args.user, args.dataset)
+            _print(args, item, "nothing waiting for review" if item is None else
+                   f"correction #{item['response_id']} by {item['user']} (version {item['version']}) "
+                   f"of record #{item['sample_id']}\n  media: {item['media_path']}\n"
+                   f"  ground truth: {item['ground_truth'] or '-'}\n"
+                   f"  {item['label']}: {item['explanation']}\n"
+                   f"  judge with: python app.py annotate review {item['response_id']} "
+                   f"--user {args.user} --accept|--reject [--comment TEXT]")
+            return 0
+        if args.decision is None:
+            raise UserError("say --accept or --reject")
+        done = workflow.review(args.user, args.response_id, args.decision, args.comment)
+        _print(args, done, f"correction #{done['response_id']} {done['decision']} by {done['reviewer']}")
+    elif args.action == "progress":
+        stats = workflow.progress(args.dataset)
+        stats["agreement"] = workflow.agreement(args.dataset)
+        lines = [f"{stats['dataset']}: {stats['complete']}/{stats['total']} records complete "
+                 f"({stats['min_submitted']} submission(s) each); {stats['submitted']} submitted, "
+                 f"{stats['drafts']} drafts, {stats['accepted']} accepted, {stats['rejected']} rejected"]
+        for name, counts in stats["per_user"].items():
+            lines.append(f"  {name:<16} " + ", ".join(f"{k} {v}" for k, v in counts.items()))
+        kappa = stats["agreement"]["fleiss_kappa"]
+        if kappa is not None:
+            lines.append(f"  agreement: Fleiss' kappa {kappa:.3f} over {stats['agreement']['items']} "
+                         "shared records")
+        _print(args, stats, "\n".join(lines))
     return 0
 
 

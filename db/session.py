@@ -124,7 +124,8 @@ def session_scope(url: str | None = None) -> Iterator[Session]:
 def backup(out: str | os.PathLike, url: str | None = None) -> Path:
     """Copy the SQLite store with SQLite's online backup API (safe while the app writes).
 
-    `out`: a file path, or an existing folder (the copy is named emo_studio-<UTC time>.db).
+    `out`: a file path, or a folder (existing, or written with a trailing "/"), where the copy is
+    named emo_studio-<UTC time>.db.
     The copy is written beside its target, checked with `PRAGMA integrity_check`, then renamed.
     """
     import sqlite3
@@ -139,6 +140,8 @@ def backup(out: str | os.PathLike, url: str | None = None) -> Path:
     if not source.exists():
         raise UserError(f"{source}: no database file to back up")
     target = Path(out).expanduser()
+    if str(out).endswith(("/", os.sep)):  # "backups/" names a folder even before it exists
+        target.mkdir(parents=True, exist_ok=True)
     if target.is_dir():
         stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
         target = target / f"{source.stem}-{stamp}.db"

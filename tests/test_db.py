@@ -118,6 +118,9 @@ def test_users_and_backup_commands(db_url, tmp_path, monkeypatch, capsys, fast_p
     copy = json.loads(capsys.readouterr().out)["path"]
     with sqlite3.connect(copy) as c:
         assert c.execute("SELECT name FROM users").fetchall() == [("ana",)]
+    assert app.main(["backup", str(tmp_path / "new-folder") + "/"]) == 0   # a folder, made on demand
+    assert len(list((tmp_path / "new-folder").glob("store-*.db"))) == 1
+    capsys.readouterr()
     assert app.main(["backup", copy]) == 2
     assert "exists" in capsys.readouterr().err
     monkeypatch.setenv("EMO_DB_URL", "postgresql://u@localhost/none")

@@ -287,3 +287,50 @@ def test_preference_votes_and_random_samples(team):
     with pytest.raises(UserError, match="different sources"):
         workflow.vote_preference(content_hash=sample["content_hash"], left_source="a",
                                  right_source="a", winner="tie", url=url)
+
+
+# ----------------------------------------------------------------------------- command line
+
+def test_annotate_commands_two_terminals(team, monkeypatch, capsys):
+    """The README's flow: two terminals edit one record; the stale save exits 2 and shows the
+    newer text, then a reviewer accepts and progress counts it."""
+    import json
+
+    import app
+
+    monkeypatch.setenv("EMO_DB_URL", team)
+
+    def run(*argv):
+        code = app.main(list(argv))
+        out = capsys.readouterr()
+        return code, json.loads(out.out) if "--json" in argv and out.out.strip() else out.out, out.err
+
+    code, rec, _ = run("annotate", "next", "--dataset", "faces", "--user", "ana", "--json")
+    assert code == 0 and rec["response"] is None
+    sid = str(rec["sample_id"])
+    code, saved, _ = run("annotate", "save", sid, "--user", "ana", "--label", "happy",
+                         "--explanation", "terminal one", "--version", "0", "--json")
+    assert code == 0 and saved["version"] == 1 and saved["label"] == "happiness"
+    code, stale, err = run("annotate", "save", sid, "--user", "ana", "--label", "sad",
+                           "--explanation", "terminal two", "--version", "0", "--json")
+    assert code == 2 and err.startswith("error: record #") and len(err.strip().splitlines()) == 1
+    assert stale["conflict"]["explanation"] == "terminal one" and stale["conflict"]["version"] == 1
+    code, saved, _ = run("annotate", "save", sid, "--user", "ana", "--label", "sad",
+                         "--explanation", "terminal two, merged", "--submit", "--version", "1", "--json")
+    assert code == 0 and saved["status"] == "submitted" and saved["version"] == 2
+
+    code, changes, _ = run("annotate", "history", sid, "--json")
+    assert [h["action"] for h in changes] == ["draft", "conflict", "submitted"]
+    assert changes[1]["after"]["explanation"] == "terminal two"       # the losing text is kept
+
+    code, _, err = run("annotate", "review", str(saved["response_id"]), "--user", "bob", "--accept")
+    assert code == 2 and "reviewer role" in err
+    code, waiting, _ = run("annotate", "review", "--user", "rita", "--dataset", "faces", "--json")
+    assert waiting["response_id"] == saved["response_id"]
+    code, done, _ = run("annotate", "review", str(saved["response_id"]), "--user", "rita",
+                        "--accept", "--comment", "fine", "--json")
+    assert code == 0 and done["decision"] == "accepted"
+    code, stats, _ = run("annotate", "progress", "--dataset", "faces", "--json")
+    assert stats["complete"] == 1 and stats["per_user"]["ana"]["accepted"] == 1
+    code, text, _ = run("annotate", "progress", "--dataset", "faces")
+    assert code == 0 and "1/6 records complete" in text
