@@ -1,13 +1,15 @@
 """Engine throughput: dynamic batching on vs off, at 1, 4, 8 and 16 concurrent clients.
 
-    python bench/engine_throughput.py [--requests 48] [--model DIR]
+    python bench/engine_throughput.py [--requests 48] [--repeats 3] [--model DIR]
 
 Runs the tiny checkpoint (built into a temp folder unless --model is given) on the CPU. For each
 task (label scoring only; scoring + generation) and each client count it measures requests/s
 and p95 latency with the one-at-a-time engine (max_batch=1) and the batching engine
 (max_batch=16), side by side in one run, and prints the ratios. The input is a small 96x96
 face-free image so that decoding and face detection (a fixed per-request cost, measured by
-bench/faces_cost.py) don't hide the model's cost.
+bench/faces_cost.py) don't hide the model's cost. Each cell runs `--repeats` times, the two
+engines alternating, and reports the median: other work on a shared machine moves single runs a
+lot.
 """
 from __future__ import annotations
 
@@ -73,11 +75,23 @@ def model_only(model, media: Path, n: int = 8, repeats: int = 5) -> None:
           f"({gen_alone / gen_together:.2f}x)")
 
 
+def cell(engines: dict, media: Path, clients: int, requests: int, explain: bool,
+         repeats: int) -> dict[str, tuple[float, float]]:
+    """Median (req/s, p95 ms) per engine over `repeats` alternating runs."""
+    runs: dict[str, list[tuple[float, float]]] = {name: [] for name in engines}
+    for _ in range(repeats):
+        for name, engine in engines.items():
+            runs[name].append(run(engine, media, clients, requests, explain))
+    return {name: (statistics.median(r for r, _ in rs), statistics.median(p for _, p in rs))
+            for name, rs in runs.items()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--requests", type=int, default=48)
     parser.add_argument("--model")
     parser.add_argument("--new-tokens", type=int, default=24)
+    parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     tmp = Path(tempfile.mkdtemp())
     model = args.model
@@ -91,14 +105,15 @@ def main() -> None:
     engines = {"one-at-a-time": Engine(model, EngineConfig(max_batch=1, batch_window_ms=0, **common)),
                "batched": Engine(model, EngineConfig(max_batch=16, batch_window_ms=15, **common))}
     print(f"machine: {platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}, "
-          f"model {engines['batched'].info['model_version']}, {args.requests} requests per cell")
+          f"model {engines['batched'].info['model_version']}, {args.requests} requests per run, "
+          f"median of {args.repeats} runs per cell")
     print(f"{'task':10s} {'clients':>7s} | {'req/s 1x1':>9s} {'req/s batch':>11s} {'ratio':>6s} | "
           f"{'p95 ms 1x1':>10s} {'p95 ms batch':>12s}")
     for task, explain in (("scoring", False), ("generation", True)):
         single_client_p95 = None
         for clients in (1, 4, 8, 16):
-            one_rps, one_p95 = run(engines["one-at-a-time"], media, clients, args.requests, explain)
-            bat_rps, bat_p95 = run(engines["batched"], media, clients, args.requests, explain)
+            medians = cell(engines, media, clients, args.requests, explain, args.repeats)
+            (one_rps, one_p95), (bat_rps, bat_p95) = medians["one-at-a-time"], medians["batched"]
             single_client_p95 = single_client_p95 or bat_p95
             print(f"{task:10s} {clients:7d} | {one_rps:9.1f} {bat_rps:11.1f} {bat_rps / one_rps:5.2f}x | "
                   f"{one_p95:10.0f} {bat_p95:12.0f}   (batched p95 / 1-client p95: {bat_p95 / single_client_p95:.2f})")

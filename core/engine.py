@@ -15,7 +15,10 @@ client goes away (its iterator closed) is dropped at the next decoding step. A f
 fails alone: a batch that raises is retried one request at a time.
 
 Without a checkpoint the engine runs in prior-only mode: labels and scores come from the face
-prior network and the answer says so; nothing is invented.
+prior network (largest face; videos: mean over the frames with a face), `explanation` is "" and
+`note` says plainly that no checkpoint is loaded and how to load one (the UI shows the note in
+the explanation panel). A file with no face gives label None, scores {} and a "No face found"
+note: nothing is invented.
 """
 from __future__ import annotations
 
@@ -33,7 +36,6 @@ import numpy as np
 
 from core.errors import UserError
 from core.faces import FaceConfig, shared_analyzer
-from core.labels import BASIC7
 from core.media import DEFAULT_LIMITS, MediaLimits, load_media
 
 log = logging.getLogger(__name__)
@@ -82,6 +84,10 @@ class _Request:
     text_input: object = None
     ready: float = 0.0
     finished: bool = False
+    # What the client has been sent, so that a batch retried one by one repeats nothing.
+    analysis_sent: bool = False
+    streamed: str = ""
+    attempt_text: str = ""
 
 
 class Engine:
@@ -98,8 +104,9 @@ class Engine:
         self._pool = ThreadPoolExecutor(self.config.preprocess_workers, thread_name_prefix="engine-prep")
         self._ids = itertools.count(1)
         self._in_flight = 0
-        self._count_lock = threading.Lock()
-        self._closed = threading.Event()
+        self._pending: dict[int, _Request] = {}  # submitted and not finished, for close()
+        self._count_lock = threading.Lock()  # guards the counters, the histogram and _pending
+        self._closed = threading.Event()  # set by close(); no new requests after it
         self._started = time.time()
         self._latencies: deque[float] = deque(maxlen=2000)
         self._batch_sizes: Counter[int] = Counter()
@@ -173,47 +180,57 @@ class Engine:
         return RequestStream(self, request, timeout or self.config.request_timeout_s)
 
     def health(self) -> dict:
-        latencies = sorted(self._latencies)
+        with self._count_lock:
+            latencies, batch_sizes, stats = sorted(self._latencies), dict(self._batch_sizes), dict(self._stats)
 
         def pct(q: float) -> float | None:
             return round(latencies[min(len(latencies) - 1, int(q * len(latencies)))], 1) if latencies else None
 
         return {"model_version": self.info["model_version"], "mode": self.info["mode"],
                 "queue_depth": self._queue.qsize(), "in_flight": self._in_flight,
-                "max_queue": self.config.max_queue, "batch_sizes": dict(sorted(self._batch_sizes.items())),
+                "max_queue": self.config.max_queue, "batch_sizes": dict(sorted(batch_sizes.items())),
                 "latency_ms_p50": pct(0.5), "latency_ms_p95": pct(0.95),
-                "served": self._stats["served"], "failed": self._stats["failed"],
-                "cancelled": self._stats["cancelled"], "rejected_busy": self._stats["rejected_busy"],
+                **{k: stats.get(k, 0) for k in ("served", "failed", "cancelled", "rejected_busy")},
                 "device": str(self.device), "uptime_s": round(time.time() - self._started, 1)}
 
     def close(self) -> None:
+        """Stop the model thread; requests still waiting fail with a clear error."""
         self._closed.set()
         self._pool.shutdown(wait=False, cancel_futures=True)
+        self._thread.join(timeout=5)
+        with self._count_lock:
+            pending = list(self._pending.values())
+        for request in pending:
+            self._finish(request, "error", UserError("the engine was shut down before this request ran"))
 
     # ------------------------------------------------------------------ request life
     def _submit(self, media: str, question, label_set, explain) -> _Request:
+        if self._closed.is_set():
+            raise UserError("the engine is shut down")
+        request = _Request(next(self._ids), media, question, label_set, explain)
         with self._count_lock:
             if self._in_flight >= self.config.max_queue:
                 self._stats["rejected_busy"] += 1
                 raise EngineBusy("the model is busy with other requests; retry in a few seconds")
             self._in_flight += 1
-        request = _Request(next(self._ids), media, question, label_set, explain)
-        self._pool.submit(self._preprocess, request)
+            self._pending[request.id] = request
+        try:
+            self._pool.submit(self._preprocess, request)
+        except RuntimeError:  # the pool was shut down between the check above and now
+            self._finish(request, "error", UserError("the engine is shut down"))
         return request
 
     def _finish(self, request: _Request, kind: str, payload) -> None:
+        """Free the request's slot and send its last event; only the first call counts."""
         with self._count_lock:
             if request.finished:
                 return
             request.finished = True
             self._in_flight -= 1
-        if kind == "done":
-            self._stats["served"] += 1
-            self._latencies.append((time.perf_counter() - request.submitted) * 1000)
-        elif kind == "error":
-            self._stats["failed"] += 1
-        else:
-            self._stats["cancelled"] += 1
+            self._pending.pop(request.id, None)
+            self._stats[{"done": "served", "error": "failed"}.get(kind, "cancelled")] += 1
+            if kind == "done":
+                self._latencies.append((time.perf_counter() - request.submitted) * 1000)
         request.events.put((kind, payload))
 
     def _preprocess(self, request: _Request) -> None:
@@ -253,17 +270,30 @@ class Engine:
             self._finish(request, "error", UserError(f"could not process the file ({type(exc).__name__})"))
 
     def _prior_only(self, request: _Request, faces: list[list]) -> dict:
-        labels = request.label_set or BASIC7
+        """Label and scores from the largest face's prior (videos: mean over frames with a face).
+
+        Labels the prior network does not know are left out and named in the note, not scored 0.
+        """
+        prior_labels = list(self.faces.prior.labels)
+        labels = request.label_set or prior_labels
+        known = [label for label in labels if label in prior_labels]
+        if not known:
+            raise UserError(f"without an EMO-LLaMA checkpoint only {', '.join(prior_labels)} can be "
+                            f"scored, not {', '.join(labels)}; load a checkpoint (EMO_LLAMA_MODEL / --model)")
+        note = PRIOR_ONLY_NOTE
+        if len(known) < len(labels):
+            missing = ", ".join(label for label in labels if label not in prior_labels)
+            note = f"The prior network cannot score {missing}; left out. " + note
         frame_priors = [fs[0].prior for fs in faces if fs]
         result = {**request.result, **{k: v for k, v in self.info.items() if k != "face_pipeline"}}
         if not frame_priors:
             result.update(label=None, scores={}, explanation="",
-                          note="No face found, so the prior network has nothing to score. " + PRIOR_ONLY_NOTE)
+                          note="No face found, so the prior network has nothing to score. " + note)
         else:
-            mean = {label: float(np.mean([p.get(label, 0.0) for p in frame_priors])) for label in labels}
+            mean = {label: float(np.mean([p[label] for p in frame_priors])) for label in known}
             total = sum(mean.values()) or 1.0
             scores = {label: v / total for label, v in mean.items()}
-            result.update(label=max(scores, key=scores.get), scores=scores, explanation="")
+            result.update(label=max(scores, key=scores.get), scores=scores, explanation="", note=note)
         result["timings_ms"]["model"] = 0.0
         return result
 
@@ -298,26 +328,35 @@ class Engine:
             with self._swap_lock:
                 retired, self._retired = self._retired, []
             for old in retired:  # no batch is running: nothing uses these versions any more
-                old.release()
+                try:
+                    old.release()
+                except Exception:  # a leaked adapter costs memory, not answers
+                    log.exception("could not release version %s", old.version)
             batch = self._next_batch()
             if not batch:
                 continue
             with self._swap_lock:
                 model = self._model  # in-flight batches keep the version they started with
-            self._batch_sizes[len(batch)] += 1
+            with self._count_lock:
+                self._batch_sizes[len(batch)] += 1
             try:
                 self._run_batch(model, batch)
             except Exception:
+                # One bad request must not cost the others their answers: find it by running
+                # the batch's requests alone.
                 log.warning("a batch of %d failed; retrying its requests one by one", len(batch))
                 for request in batch:
                     if not request.finished:
-                        try:
-                            self._run_batch(model, [request])
-                        except UserError as exc:
-                            self._finish(request, "error", exc)
-                        except Exception as exc:
-                            log.exception("request %s failed", request.media)
-                            self._finish(request, "error", UserError(f"the model failed on this input ({type(exc).__name__})"))
+                        self._run_alone(model, request)
+
+    def _run_alone(self, model, request: _Request) -> None:
+        try:
+            self._run_batch(model, [request])
+        except UserError as exc:
+            self._finish(request, "error", exc)
+        except Exception as exc:
+            log.exception("request %s failed", request.media)
+            self._finish(request, "error", UserError(f"the model failed on this input ({type(exc).__name__})"))
 
     def _run_batch(self, model, batch: list[_Request]) -> None:
         import torch
@@ -336,12 +375,16 @@ class Engine:
                         request.result["note"] = ((info.get("note") or "") + " No face found: the model "
                                                   "answered from the whole frame.").strip()
                     request.result["timings_ms"]["queue"] = _ms(request.ready, started)
-                    request.events.put(("analysis", dict(request.result)))
+                    if not request.analysis_sent:
+                        request.analysis_sent = True
+                        request.events.put(("analysis", dict(request.result)))
             talkers = [r for r in batch if r.explain and not r.cancelled.is_set()]
+            for request in talkers:
+                request.attempt_text = ""
             if talkers:
                 texts = model.generate(
                     [r.text_input for r in talkers], max_new_tokens=self.config.max_new_tokens,
-                    on_text=lambda i, piece: talkers[i].events.put(("text", piece)),
+                    on_text=lambda i, piece: _send_text(talkers[i], piece),
                     is_active=lambda i: not talkers[i].cancelled.is_set())
                 for request, text in zip(talkers, texts):
                     request.result["explanation"] = text
@@ -397,6 +440,16 @@ class RequestStream:
 
     def __del__(self) -> None:
         self.close()
+
+
+def _send_text(request: _Request, piece: str) -> None:
+    """Stream a piece, skipping text a failed batch attempt already sent (greedy decoding
+    repeats it when the request is retried alone)."""
+    request.attempt_text += piece
+    if len(request.attempt_text) > len(request.streamed):
+        new = request.attempt_text[len(request.streamed):]
+        request.streamed = request.attempt_text
+        request.events.put(("text", new))
 
 
 def _version_info(model) -> dict:

@@ -7,7 +7,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from core.engine import Engine, EngineBusy, EngineConfig, RequestTimeout
-from core.errors import MediaError
+from core.errors import MediaError, UserError
 from core.model.build import build_tiny
 from tests.media_files import face_frames, face_photo, no_face_photo, write_image, write_video
 from tests.model_fixtures import tiny_checkpoint  # noqa: F401  (fixture)
@@ -45,6 +45,10 @@ def test_prior_only_mode_says_so_and_never_invents(files):
         assert video["label"] == "happiness" and {f["frame"] for f in video["faces"]} == {0, 1, 2, 3}
         with pytest.raises(MediaError):
             engine.predict(files["bad"])
+        eight = engine.predict(files["face"], label_set=["happiness", "sadness", "contempt"])
+        assert list(eight["scores"]) == ["happiness", "sadness"] and "cannot score contempt" in eight["note"]
+        with pytest.raises(UserError, match="can be scored"):
+            engine.predict(files["face"], label_set=["positive", "negative"])
     finally:
         engine.close()
 
@@ -64,6 +68,13 @@ def test_stream_events_come_in_order(engine, files):
     assert kinds[0] == "analysis" and kinds[-1] == "done" and set(kinds[1:-1]) <= {"text"}
     text = "".join(e["text"] for e in events if e["event"] == "text")
     assert text.strip() == events[-1]["result"]["explanation"]
+
+    cancelled = engine.health()["cancelled"]
+    stream = engine.stream(files["face"])
+    assert next(stream)["event"] == "analysis"
+    stream.close()  # the client went away mid-answer: its slot is free at once
+    assert engine.health()["in_flight"] == 0 and engine.health()["cancelled"] == cancelled + 1
+    assert list(stream) == []
 
 
 def test_32_mixed_concurrent_requests_match_solo_answers(engine, files, tiny_checkpoint):  # noqa: F811
@@ -161,3 +172,53 @@ def test_hot_swap_onto_the_same_base_shares_it_and_releases_the_old_adapter(tiny
         assert before.adapter_name not in engine._model.llm.peft_config  # released between batches
     finally:
         engine.close()
+
+
+def test_a_request_that_breaks_the_model_fails_alone(engine, files, monkeypatch):
+    model = engine._model
+    poison = model._ids("POISON")
+    real_generate = model.generate
+
+    def generate(batch, *args, **kwargs):
+        if any(x.question_ids == poison for x in batch):
+            raise RuntimeError("boom")
+        return real_generate(batch, *args, **kwargs)
+
+    monkeypatch.setattr(model, "generate", generate)
+    expected = engine.predict(files["face"])
+    before = engine.health()["batch_sizes"]
+
+    def call(question):
+        try:
+            return list(engine.stream(files["face"], question=question))
+        except UserError as exc:
+            return exc
+
+    with ThreadPoolExecutor(4) as pool:
+        outcomes = list(pool.map(call, [None, "POISON", None, None]))
+    assert isinstance(outcomes[1], UserError) and "model failed on this input" in str(outcomes[1])
+    for events in outcomes[:1] + outcomes[2:]:
+        kinds = [e["event"] for e in events]
+        assert kinds.count("analysis") == 1 and kinds[-1] == "done"  # the retry repeats nothing
+        text = "".join(e["text"] for e in events if e["event"] == "text")
+        assert text.strip() == events[-1]["result"]["explanation"] == expected["explanation"]
+    after = engine.health()["batch_sizes"]
+    assert any(size > 1 and after.get(size, 0) > before.get(size, 0) for size in after)  # it was batched
+    assert engine.predict(files["face"])["label"] == expected["label"]  # the model thread lives on
+
+
+def test_close_fails_waiting_requests_and_refuses_new_ones(tiny_checkpoint, files):  # noqa: F811
+    engine = Engine(str(tiny_checkpoint), EngineConfig(num_frames=4, max_new_tokens=8))
+    waiting = [engine.stream(files["video"]) for _ in range(3)]
+    engine.close()
+    outcomes = []
+    for stream in waiting:  # every request ends: answered before the shutdown, or a clear error
+        try:
+            outcomes.append([e["event"] for e in stream][-1])
+        except UserError as exc:
+            outcomes.append(str(exc))
+    assert set(outcomes) <= {"done", "the engine was shut down before this request ran"}
+    assert "done" not in outcomes[-1:]  # decoding a video takes longer than closing
+    assert engine.health()["in_flight"] == 0
+    with pytest.raises(UserError, match="shut down"):
+        engine.predict(files["face"])
