@@ -13,16 +13,22 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--resume", type=int, metavar="JOB", help="continue a killed job from its checkpoint")
     p.add_argument("--job-id", type=int, help=argparse.SUPPRESS)             # set by the job runner
     p.add_argument("--resume-checkpoint", action="store_true", help=argparse.SUPPRESS)
-    p.add_argument("--epochs", type=int)
-    p.add_argument("--lr", type=float)
-    p.add_argument("--batch-size", type=int)
-    p.add_argument("--grad-accum", type=int)
-    p.add_argument("--max-steps", type=int)
-    p.add_argument("--replay-ratio", type=float)
-    p.add_argument("--checkpoint-every", type=int)
+    p.add_argument("--epochs", type=int, help="default 2")
+    p.add_argument("--lr", type=float, help="peak learning rate (default 2e-4)")
+    p.add_argument("--batch-size", type=int, help="samples per micro-batch and process (default 4)")
+    p.add_argument("--grad-accum", type=int, help="micro-batches per optimizer step (default 1)")
+    p.add_argument("--max-steps", type=int, help="optimizer steps, instead of --epochs")
+    p.add_argument("--scheduler", help="a transformers LR schedule name (default cosine)")
+    p.add_argument("--warmup-ratio", type=float, help="default 0.05")
+    p.add_argument("--replay-ratio", type=float,
+                   help="earlier training samples replayed per new sample, each epoch (default 0.2)")
+    p.add_argument("--checkpoint-every", type=int, help="optimizer steps (default 50)")
+    p.add_argument("--frames", type=int, dest="num_frames", help="frames per video (default 4)")
+    p.add_argument("--precision", choices=["auto", "bf16", "fp32"], help="auto: bf16 on GPU (default)")
+    p.add_argument("--eval-split", choices=["train", "val", "test"], help="split the gate measures (test)")
     p.add_argument("--gate-margin", type=float, help="allowed UAR drop against the parent (default 0)")
     p.add_argument("--gradient-checkpointing", action="store_true", default=None)
-    p.add_argument("--seed", type=int)
+    p.add_argument("--seed", type=int, help="default 0")
     p.add_argument("--name", help="name of the new version (default v<job id>)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(handler=finetune_command)
@@ -43,29 +49,55 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=versions_command)
 
 
-OPTION_FLAGS = ("epochs", "lr", "batch_size", "grad_accum", "max_steps", "replay_ratio",
-                "checkpoint_every", "gate_margin", "gradient_checkpointing", "seed", "name")
+OPTION_FLAGS = ("epochs", "lr", "batch_size", "grad_accum", "max_steps", "scheduler", "warmup_ratio",
+                "replay_ratio", "checkpoint_every", "num_frames", "precision", "eval_split", "gate_margin",
+                "gradient_checkpointing", "seed", "name")
 
 
 def finetune_command(args: argparse.Namespace) -> int:
+    """Create (or requeue) the job, then train it in this process. Under `accelerate launch`
+    every rank runs this: the main one does the bookkeeping and tells the others the job id."""
+    import os
+
+    from accelerate import PartialState
+    from accelerate.utils import broadcast_object_list
+
     from annotation import finetune
+    from annotation.train import train_job
     from core.errors import UserError
     from db.session import init_db
 
-    init_db()
     if args.job_id is not None:  # the runner's subprocess
-        return finetune.train_job(args.job_id, resume=args.resume_checkpoint)
-    if args.resume is not None:
-        job_id = finetune.resume_job(args.resume, background=False)
-        resume = True
-    else:
-        if not args.snapshot:
-            raise UserError("finetune needs --snapshot (or --resume JOB)")
-        options = {k: getattr(args, k) for k in OPTION_FLAGS if getattr(args, k) is not None}
-        job_id = finetune.create_job(args.snapshot, args.from_version, options)
-        resume = False
-    print(f"fine-tune job {job_id}: log {finetune.job_dir(job_id) / 'events.jsonl'}", file=sys.stderr)
-    code = finetune.train_job(job_id, resume=resume)
+        init_db()
+        return train_job(args.job_id, resume=args.resume_checkpoint)
+    if args.resume is None and not args.snapshot:
+        raise UserError("finetune needs --snapshot (or --resume JOB)")
+    import torch
+
+    ranks = PartialState(cpu=not torch.cuda.is_available())  # CPU ranks (torchrun, tests) use gloo
+    outcome: list = [None]
+    if ranks.is_main_process:
+        try:
+            init_db()
+            if args.resume is not None:
+                outcome[0] = ("ok", finetune.resume_job(args.resume, background=False))
+            else:
+                options = {k: getattr(args, k) for k in OPTION_FLAGS if getattr(args, k) is not None}
+                outcome[0] = ("ok", finetune.create_job(args.snapshot, args.from_version, options,
+                                                        pid=os.getpid()))
+        except UserError as exc:
+            outcome[0] = ("error", str(exc))
+    if ranks.num_processes > 1:
+        broadcast_object_list(outcome)  # the other ranks must not wait forever on a bad argument
+    kind, value = outcome[0]
+    if kind == "error":
+        raise UserError(value)
+    job_id = value
+    if ranks.is_main_process:
+        print(f"fine-tune job {job_id}: events in {finetune.job_dir(job_id) / 'events.jsonl'}", file=sys.stderr)
+    code = train_job(job_id, resume=args.resume is not None)
+    if not ranks.is_main_process:
+        return code
     status = finetune.job_status(job_id)
     if args.json:
         print(json.dumps(status, indent=2, default=str))

@@ -10,6 +10,7 @@ accepted corrected explanations, where a record has one.
 """
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -98,8 +99,18 @@ def report(truth: list[str], predicted: list[str], labels: list[str]) -> dict:
 
 def evaluate_version(name_or_folder: str, dataset: str, split: str = "test", url: str | None = None,
                      num_frames: int = 4, batch_size: int = 8, explanations: int = 16,
-                     record: bool = True) -> dict:
-    """Score every sample of a dataset split with a model version; store the metrics on it."""
+                     record: bool = True, device: str | None = None) -> dict:
+    """Score every labelled sample of a dataset split with a model version (a registered name, or
+    a checkpoint folder); the summary is stored on the version under "<dataset>/<split>".
+
+    Returns dict(uar, war, per_class_recall, confusion, labels, n, confusion_png, rouge_l,
+    rouge_l_n, samples, skipped, version, dataset, split). `samples` fingerprints the evaluated
+    (sample, label) pairs, so two versions' scores are compared only on the same samples.
+    `explanations` caps how many accepted corrections get a generated explanation for ROUGE-L
+    (generation is the slow part). `device`: default cuda when there is one (bf16), else cpu.
+    """
+    import hashlib
+
     import torch
     from sqlalchemy import select
 
@@ -109,10 +120,12 @@ def evaluate_version(name_or_folder: str, dataset: str, split: str = "test", url
     from core.media import load_media
     from core.model.modeling import EmoLlama
     from core.model.prompt import category_question, conversation_question
-    from db.models import Dataset, Response, Review, Sample
+    from annotation.export import _accepted_corrections
+    from db.models import Dataset, Sample
     from db.session import data_dir, session_scope
 
     folder = version_folder(name_or_folder, url)
+    registered = find_version(name_or_folder, url) if record else None
     with session_scope(url) as s:
         ds = s.scalar(select(Dataset).where(Dataset.name == dataset))
         if ds is None:
@@ -121,27 +134,26 @@ def evaluate_version(name_or_folder: str, dataset: str, split: str = "test", url
         samples = [(x.id, x.media_path, x.label) for x in s.scalars(
             select(Sample).where(Sample.dataset_id == ds.id, Sample.split == split,
                                  Sample.label.is_not(None)).order_by(Sample.id))]
-        accepted = dict(s.execute(
-            select(Response.sample_id, Response.explanation).join(Review, Review.response_id == Response.id)
-            .join(Sample, Sample.id == Response.sample_id)
-            .where(Sample.dataset_id == ds.id, Review.decision == "accepted",
-                   Response.explanation.is_not(None))).all())
+        # The references are the corrections an export would ship (reviewed and accepted).
+        accepted = {sample_id: explanation for sample_id, (_, explanation, _) in
+                    _accepted_corrections(s, ds.id).items() if explanation}
     if not samples:
         raise UserError(f"{dataset} has no labelled samples in split {split!r}")
-    model = EmoLlama.from_pretrained(folder).eval()
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if str(device).startswith("cuda") else torch.float32
+    model = EmoLlama.from_pretrained(folder, device=device, dtype=dtype).eval()
     analyzer = shared_analyzer(FaceConfig(prior=model.config.prior))
-    truth, predicted, rouge, skipped = [], [], [], []
+    truth, predicted, rouge, skipped, evaluated = [], [], [], [], []
     pending: list[tuple] = []
 
     def flush() -> None:
         with torch.inference_mode():
             scores = model.score_labels([p[1] for p in pending], labels)
-        for (sample_id, _, label, media), s in zip(pending, scores):
+        for (sample_id, _, label, media, faces), s in zip(pending, scores):
             truth.append(label)
             predicted.append(max(s, key=s.get))
             if sample_id in accepted and len(rouge) < explanations:
-                x = model.prepare(media.frames, [analyzer.analyze(f) for f in media.frames],
-                                  conversation_question(media.kind))
+                x = model.prepare(media.frames, faces, conversation_question(media.kind))
                 (text,) = model.generate([x])
                 rouge.append(rouge_l(text, accepted[sample_id]))
         pending.clear()
@@ -157,24 +169,27 @@ def evaluate_version(name_or_folder: str, dataset: str, split: str = "test", url
             continue
         faces = [analyzer.analyze(frame) for frame in media.frames]
         pending.append((sample_id, model.prepare(media.frames, faces, category_question(labels, media.kind)),
-                        label, media))
+                        label, media, faces))
+        evaluated.append([sample_id, label])
         if len(pending) >= batch_size:
             flush()
     if pending:
         flush()
     result = report(truth, predicted, labels)
-    result.update(dataset=dataset, split=split, version=model.config.version, skipped=skipped,
-                  rouge_l=float(np.mean(rouge)) if rouge else None, rouge_l_n=len(rouge))
-    png = data_dir() / "reports" / f"{model.config.version}-{dataset}-{split}-confusion.png"
+    name = registered["name"] if registered else model.config.version
+    result.update(dataset=dataset, split=split, version=name, skipped=skipped,
+                  rouge_l=float(np.mean(rouge)) if rouge else None, rouge_l_n=len(rouge),
+                  samples=hashlib.sha256(json.dumps(evaluated).encode()).hexdigest()[:16])
+    stem = re.sub(r"[^\w.-]", "_", f"{name}-{dataset}-{split}")
+    png = data_dir() / "reports" / f"{stem}-confusion.png"
     result["confusion_png"] = str(save_confusion_png(np.array(result["confusion"]), labels, png,
-                                                     f"{model.config.version} on {dataset}/{split}"))
-    version = find_version(name_or_folder, url) if record else None
-    if version is not None:
+                                                     f"{name} on {dataset}/{split}"))
+    if registered is not None:
         from annotation.versions import record_metrics
 
-        record_metrics(version["name"], {f"{dataset}/{split}": _summary(result)}, url)
+        record_metrics(name, {f"{dataset}/{split}": _summary(result)}, url)
     return result
 
 
 def _summary(result: dict) -> dict:
-    return {k: result[k] for k in ("uar", "war", "per_class_recall", "n", "rouge_l", "confusion_png")}
+    return {k: result[k] for k in ("uar", "war", "per_class_recall", "n", "rouge_l", "confusion_png", "samples")}

@@ -1,31 +1,32 @@
-"""Incremental LoRA fine-tuning on an export snapshot, as a job the web app can drive.
+"""Fine-tune jobs as the web app drives them: start, follow, cancel, resume, recover.
 
     python app.py finetune --snapshot 3 [--from-version v2] [--epochs 2] [--name v3]
     python app.py finetune --resume 7                      # continue killed job 7
     accelerate launch app.py finetune --snapshot 3         # several GPUs (docs/accelerate/*.yaml)
 
-A job trains the serving (or `--from-version`) checkpoint's LoRA adapter and connector modules
-on the snapshot's train split, mixed with a replay sample of the parent version's training data
-against forgetting; writes JSONL events (start, step, checkpoint, eval, done | failed | cancelled)
-to its log; checkpoints every `checkpoint_every` steps (model + optimizer + scheduler + step, the
-data order is a seeded permutation, so `--resume` continues exactly); evaluates on the held-out
-test split; and publishes the result as a new model version only when the UAR gate passes.
+    from annotation.finetune import start_job, job_status, read_events, cancel_job
+    job = start_job(3, options={"epochs": 2})               # returns at once
+    job_status(job)   # {"status": "running", "step": 12, "total_steps": 40, "loss": ..., ...}
 
-The runner half (`start_job`, `job_status`, `read_events`, `cancel_job`, `recover_jobs`) starts
-the training as a subprocess, records it in the database and follows its log, so a page reload
-or an app restart finds the job where it is. One training job runs at a time.
+A job is a `FinetuneJob` row plus a folder `<data dir>/jobs/<id>/` holding `events.jsonl` (one
+JSON object per line: start, step, checkpoint, eval, done | failed | cancelled), `process.log`
+(the subprocess's stdout/stderr) and its checkpoints. `start_job` spawns `python app.py finetune
+--job-id N` (annotation/train.py does the training) in its own session and returns; everything
+after that is read back from the database and the log, so a page reload or an app restart finds
+the job where it is, and a job whose process died is settled from its log (`recover_jobs`),
+never left "running". One job trains at a time: this machine has one device to train on.
 """
 from __future__ import annotations
 
+import fcntl
 import json
-import logging
-import math
 import os
-import random
+import re
 import signal
 import subprocess
 import sys
-import time
+import threading
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields
 from datetime import datetime, timezone
 from pathlib import Path
@@ -36,38 +37,82 @@ from core.errors import UserError
 from db.models import ExportSnapshot, FinetuneJob, ModelVersion
 from db.session import data_dir, session_scope
 
-log = logging.getLogger(__name__)
 ROOT = Path(__file__).resolve().parents[1]
 ACTIVE = ("queued", "running")
+FINAL_EVENTS = {"done": "succeeded", "failed": "failed", "cancelled": "cancelled"}
+QUEUED_GRACE_S = 120          # a queued job with no process after this long never started
+VERSION_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,79}$")
+SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
+_thread_lock = threading.Lock()
 
 
 @dataclass
 class TrainOptions:
     epochs: int = 2
     lr: float = 2e-4
-    batch_size: int = 4
-    grad_accum: int = 1
+    batch_size: int = 4           # per process, per micro-batch
+    grad_accum: int = 1           # micro-batches per optimizer step
     warmup_ratio: float = 0.05
-    scheduler: str = "cosine"
-    replay_ratio: float = 0.2        # replayed parent samples per new sample
+    scheduler: str = "cosine"     # a transformers get_scheduler name
+    replay_ratio: float = 0.2     # earlier training samples replayed per new sample, each epoch
     seed: int = 0
-    checkpoint_every: int = 50       # optimizer steps
-    max_steps: int | None = None
-    num_frames: int = 4
+    checkpoint_every: int = 50    # optimizer steps
+    max_steps: int | None = None  # overrides epochs
+    num_frames: int = 4           # frames sampled per video
     gradient_checkpointing: bool = False
-    gate_margin: float = 0.0         # allowed UAR drop against the parent
-    name: str | None = None          # the new version's name (default v<job id>)
+    precision: str = "auto"       # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32
+    eval_split: str = "test"      # the held-out split the publish gate is measured on
+    gate_margin: float = 0.0      # allowed UAR drop against the parent (0: never worse)
+    name: str | None = None       # the new version's name (default v<job id>, fixed at creation)
 
     @classmethod
     def from_dict(cls, values: dict | None) -> "TrainOptions":
-        known = {f.name for f in fields(cls)}
-        unknown = set(values or {}) - known
+        values = {k: v for k, v in (values or {}).items() if v is not None}
+        known = {f.name: f.type for f in fields(cls)}
+        unknown = sorted(set(values) - set(known))
         if unknown:
-            raise UserError(f"unknown fine-tune options: {', '.join(sorted(unknown))}")
-        return cls(**(values or {}))
+            raise UserError(f"unknown fine-tune options: {', '.join(unknown)}")
+        kinds = {"int": int, "float": float, "bool": bool, "str": str}
+        try:  # the web form sends floats for integer fields, JSON sends strings now and then
+            typed = {k: kinds[known[k].split(" ")[0]](v) for k, v in values.items()}
+        except (TypeError, ValueError) as exc:
+            raise UserError(f"bad fine-tune option value: {exc}") from None
+        return cls(**typed).validate()
+
+    def validate(self) -> "TrainOptions":
+        checks = [(self.epochs >= 1, "epochs must be at least 1"),
+                  (self.lr > 0, "lr must be positive"),
+                  (self.batch_size >= 1 and self.grad_accum >= 1, "batch_size and grad_accum must be at least 1"),
+                  (0 <= self.warmup_ratio < 1, "warmup_ratio must be in [0, 1)"),
+                  (self.scheduler in SCHEDULERS, f"scheduler must be one of {', '.join(SCHEDULERS)}"),
+                  (self.replay_ratio >= 0, "replay_ratio must be 0 or more"),
+                  (self.checkpoint_every >= 1, "checkpoint_every must be at least 1"),
+                  (self.max_steps is None or self.max_steps >= 1, "max_steps must be at least 1"),
+                  (self.num_frames >= 1, "num_frames must be at least 1"),
+                  (self.precision in ("auto", "bf16", "fp32"), "precision must be auto, bf16 or fp32"),
+                  (self.eval_split in ("train", "val", "test"), "eval_split must be train, val or test"),
+                  (self.gate_margin >= 0, "gate_margin must be 0 or more"),
+                  (self.name is None or bool(VERSION_NAME.match(self.name)),
+                   "a version name is 1-80 letters, digits, '.', '_' or '-', starting with a letter or digit")]
+        for ok, message in checks:
+            if not ok:
+                raise UserError(message)
+        return self
 
 
-# ====================================================================== the runner (app side)
+# ====================================================================== creating and starting
+
+@contextmanager
+def _one_at_a_time():
+    """Makes "no job is active -> make one active" atomic, across threads (the web app) and
+    processes (the web app and a CLI run side by side): a lock file next to the jobs."""
+    with _thread_lock, open(data_dir() / "jobs.lock", "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
 
 def job_dir(job_id: int) -> Path:
     path = data_dir() / "jobs" / str(job_id)
@@ -79,40 +124,77 @@ def _now() -> datetime:
     return datetime.now(timezone.utc)
 
 
-def _resolve_snapshot_id(snapshot: str | int, url: str | None) -> int:
+def _resolve_snapshot(snapshot: str | int, session) -> ExportSnapshot:
+    ref = str(snapshot)
+    if ref.isdigit():
+        row = session.get(ExportSnapshot, int(ref))
+    else:
+        row = session.scalar(select(ExportSnapshot).where(
+            (ExportSnapshot.path == str(Path(ref).resolve())) | (ExportSnapshot.content_hash == ref)))
+    if row is None:
+        raise UserError(f"no export snapshot {ref!r}; make one with `python app.py export`")
+    if not (Path(row.path) / "instructions.jsonl").exists():
+        raise UserError(f"export snapshot {row.id}: {row.path}/instructions.jsonl is missing")
+    return row
+
+
+def _resolve_parent(from_version: str | None, url: str | None) -> int:
+    """The version a job starts from, fixed when the job is created (a resumed job must not
+    silently switch parents because another version was published meanwhile)."""
+    from annotation.versions import ensure_registered, find_version, serving_version
+
+    if from_version:
+        parent = find_version(from_version, url)
+        if parent is None:
+            raise UserError(f"no model version named {from_version!r}")
+    else:
+        parent = serving_version(url)
+        if parent is None:
+            base = os.environ.get("EMO_LLAMA_MODEL")
+            if not base:
+                raise UserError("nothing to fine-tune: no model version is serving and EMO_LLAMA_MODEL is "
+                                "not set (register a checkpoint: `python app.py versions register DIR`)")
+            parent = ensure_registered(base, url)
     with session_scope(url) as s:
-        if str(snapshot).isdigit():
-            row = s.get(ExportSnapshot, int(snapshot))
-        else:
-            row = s.scalar(select(ExportSnapshot).where(
-                (ExportSnapshot.path == str(Path(snapshot).resolve())) | (ExportSnapshot.content_hash == str(snapshot))))
-        if row is None:
-            raise UserError(f"no export snapshot {snapshot!r}; make one with `python app.py export`")
-        return row.id
+        return s.scalar(select(ModelVersion.id).where(ModelVersion.name == parent["name"]))
 
 
 def create_job(snapshot: str | int, from_version: str | None = None, options: dict | None = None,
-               url: str | None = None) -> int:
-    """A queued job row (refused while another job is active: one training job per device)."""
-    recover_jobs(url)
+               url: str | None = None, pid: int | None = None) -> int:
+    """A queued job row; refused while another job is queued or running."""
+    from annotation.versions import find_version, models_dir
+
     opts = TrainOptions.from_dict(options)
-    snapshot_id = _resolve_snapshot_id(snapshot, url)
-    with session_scope(url) as s:
-        busy = s.scalar(select(FinetuneJob).where(FinetuneJob.status.in_(ACTIVE)))
-        if busy is not None:
-            raise UserError(f"fine-tune job {busy.id} is still {busy.status}; one job at a time")
-        parent = None
-        if from_version:
-            parent = s.scalar(select(ModelVersion).where(ModelVersion.name == from_version))
-            if parent is None:
-                raise UserError(f"no model version named {from_version!r}")
-        job = FinetuneJob(status="queued", snapshot_id=snapshot_id, config=asdict(opts),
-                          from_version_id=parent.id if parent else None)
-        s.add(job)
-        s.flush()
-        job.log_path = str(job_dir(job.id) / "events.jsonl")
-        job.out_dir = str(job_dir(job.id))
-        return job.id
+    if opts.name and (find_version(opts.name, url) or (models_dir() / opts.name).exists()):
+        raise UserError(f"a model version named {opts.name!r} exists already")
+    parent_id = _resolve_parent(from_version, url)
+    with _one_at_a_time():
+        recover_jobs(url)
+        with session_scope(url) as s:
+            busy = s.scalar(select(FinetuneJob).where(FinetuneJob.status.in_(ACTIVE)))
+            if busy is not None:
+                raise UserError(f"fine-tune job {busy.id} is still {busy.status}; one job trains at a time "
+                                f"(cancel it or wait)")
+            snapshot_id = _resolve_snapshot(snapshot, s).id
+            job = FinetuneJob(status="queued", snapshot_id=snapshot_id, from_version_id=parent_id,
+                              config=asdict(opts), pid=pid)
+            s.add(job)
+            s.flush()
+            if opts.name is None:  # fixed now, so a resumed job writes the same version
+                job.config = {**job.config, "name": _free_name(f"v{job.id}", url)}
+            job.out_dir = str(job_dir(job.id))
+            job.log_path = str(job_dir(job.id) / "events.jsonl")
+            return job.id
+
+
+def _free_name(name: str, url: str | None) -> str:
+    from annotation.versions import find_version, models_dir
+
+    candidate, n = name, 1
+    while find_version(candidate, url) or (models_dir() / candidate).exists():
+        n += 1
+        candidate = f"{name}-{n}"
+    return candidate
 
 
 def start_job(snapshot: str | int, from_version: str | None = None, options: dict | None = None,
@@ -127,38 +209,80 @@ def _spawn(job_id: int, args: list[str], url: str | None) -> None:
     env = dict(os.environ)
     if url:
         env["EMO_DB_URL"] = url
-    out = open(job_dir(job_id) / "process.log", "ab")
-    process = subprocess.Popen([sys.executable, str(ROOT / "app.py"), "finetune", *args], cwd=ROOT,
-                               env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        with open(job_dir(job_id) / "process.log", "ab") as out:
+            # Its own session: a Ctrl-C in the app's terminal does not kill the training.
+            process = subprocess.Popen([sys.executable, str(ROOT / "app.py"), "finetune", *args], cwd=ROOT,
+                                       env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    except OSError as exc:
+        set_job_status(job_id, "failed", url, error=f"cannot start the training process: {exc}")
+        raise UserError(f"cannot start the training process: {exc}") from None
+    set_job_status(job_id, "running", url, pid=process.pid)
+
+
+def set_job_status(job_id: int, status: str, url: str | None = None, error: str | None = None,
+                   metrics: dict | None = None, pid: int | None = None) -> None:
     with session_scope(url) as s:
         job = s.get(FinetuneJob, job_id)
-        job.pid, job.status, job.started_at = process.pid, "running", job.started_at or _now()
+        job.status, job.error = status, error
+        if pid is not None:
+            job.pid = pid
+        if status == "running":
+            job.started_at, job.finished_at = job.started_at or _now(), None
+        elif status not in ACTIVE:
+            job.finished_at = _now()
+        if metrics:
+            job.metrics = {**(job.metrics or {}), **metrics}
 
 
-def read_events(job_id: int, since: int = 0, url: str | None = None) -> list[dict]:
-    """The job's JSONL events from line `since` on (a torn last line is left for the next read)."""
+# ====================================================================== following
+
+def _log_path(job_id: int, url: str | None) -> Path:
     with session_scope(url) as s:
         job = s.get(FinetuneJob, job_id)
         if job is None:
             raise UserError(f"no fine-tune job {job_id}")
-        path = Path(job.log_path or job_dir(job_id) / "events.jsonl")
-    if not path.exists():
-        return []
+        return Path(job.log_path or job_dir(job_id) / "events.jsonl")
+
+
+def _parse(lines: list[str]) -> list[dict]:
     events = []
-    for line in path.read_text().splitlines()[since:]:
+    for line in lines:
         try:
             events.append(json.loads(line))
         except json.JSONDecodeError:
-            break
+            break  # a line being written right now: the next read gets it whole
     return events
 
 
+def read_events(job_id: int, since: int = 0, url: str | None = None) -> list[dict]:
+    """The job's JSONL events from line `since` on."""
+    path = _log_path(job_id, url)
+    if not path.exists():
+        return []
+    with open(path, encoding="utf-8") as f:
+        return _parse(f.read().splitlines()[since:])
+
+
+def _recent_events(path: Path, size: int = 65536) -> list[dict]:
+    """The last events of a log, without reading a long job's whole log on every poll."""
+    if not path.exists():
+        return []
+    with open(path, "rb") as f:
+        f.seek(max(0, f.seek(0, os.SEEK_END) - size))
+        lines = f.read().decode("utf-8", "replace").splitlines()
+        if f.tell() > size:
+            lines = lines[1:]  # the first line is cut
+    return _parse(lines)
+
+
 def _alive(pid: int | None) -> bool:
+    """Is `pid` a live fine-tune process (not a zombie, not an unrelated process that got the
+    pid after a reboot)?"""
     if not pid:
         return False
     try:
-        waited, _ = os.waitpid(pid, os.WNOHANG)  # reap our own finished child
-        if waited == pid:
+        if os.waitpid(pid, os.WNOHANG)[0] == pid:  # our own child, finished: reap it
             return False
     except ChildProcessError:
         pass
@@ -168,35 +292,62 @@ def _alive(pid: int | None) -> bool:
         return False
     except PermissionError:
         return True
-    try:  # a zombie is not alive
-        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+    try:
+        if Path(f"/proc/{pid}/stat").read_text().split()[2] == "Z":
+            return False
+        return b"finetune" in Path(f"/proc/{pid}/cmdline").read_bytes()
     except OSError:
-        return True
+        return True  # no /proc: trust kill(0)
+
+
+def _last_error(job_id: int) -> str | None:
+    """The error a crashed trainer printed last (a CLI error line or a traceback's last line)."""
+    path = job_dir(job_id) / "process.log"
+    if not path.exists():
+        return None
+    for line in reversed(path.read_text(errors="replace").splitlines()[-50:]):
+        if line.startswith("error: ") or re.match(r"^[\w.]+(Error|Exception)\b", line):
+            return line[:300]
+    return None
+
+
+def _settle(job: FinetuneJob, final: dict | None) -> None:
+    """A job whose process is gone: its last event says how it ended."""
+    if final is None:
+        job.status = "failed"
+        job.error = (f"the training process ended without finishing ({_last_error(job.id) or 'killed?'}); "
+                     f"`python app.py finetune --resume {job.id}` continues from its last checkpoint")
+    else:
+        job.status, job.error = FINAL_EVENTS[final["event"]], final.get("error")
+        job.metrics = {**(job.metrics or {}), **final.get("metrics", {})}
+    job.finished_at = job.finished_at or _now()
 
 
 def job_status(job_id: int, url: str | None = None) -> dict:
-    """The job as the database and its log know it; a dead 'running' job is settled from its log."""
-    events = read_events(job_id, url=url)
+    """The job as the database and its log know it; a job whose process died is settled here.
+
+    Returns dict(id, status, step, total_steps, loss, eta_s, error, log_path, version,
+    published, metrics, pid, snapshot_id, created_at).
+    """
+    events = _recent_events(_log_path(job_id, url))
     last_step = next((e for e in reversed(events) if e.get("event") == "step"), {})
-    final = next((e for e in reversed(events) if e.get("event") in ("done", "failed", "cancelled")), None)
+    final = next((e for e in reversed(events) if e.get("event") in FINAL_EVENTS), None)
     with session_scope(url) as s:
         job = s.get(FinetuneJob, job_id)
-        if job.status in ACTIVE and job.status == "running" and not _alive(job.pid):
-            if final is None:
-                job.status, job.error = "failed", "the training process ended without finishing (killed?)"
-            else:
-                job.status = {"done": "succeeded", "failed": "failed", "cancelled": "cancelled"}[final["event"]]
-                job.error = final.get("error")
-                job.metrics = {**(job.metrics or {}), **final.get("metrics", {})}
-            job.finished_at = job.finished_at or _now()
+        created = job.created_at if job.created_at.tzinfo else job.created_at.replace(tzinfo=timezone.utc)
+        if job.status == "running" and not _alive(job.pid):
+            _settle(job, final)
+        elif job.status == "queued" and not _alive(job.pid) and (
+                job.pid or (_now() - created).total_seconds() > QUEUED_GRACE_S):
+            _settle(job, None)
         status = {"id": job.id, "status": job.status, "step": last_step.get("step", 0),
-                  "total_steps": last_step.get("total_steps") or next(
-                      (e.get("total_steps") for e in events if e.get("event") == "start"), None),
+                  "total_steps": last_step.get("total_steps") or _first_total_steps(job_id, url, events),
                   "loss": last_step.get("loss"), "eta_s": last_step.get("eta_s"), "error": job.error,
                   "log_path": job.log_path, "pid": job.pid, "snapshot_id": job.snapshot_id,
                   "version": (final or {}).get("version"), "published": (final or {}).get("published"),
-                  "metrics": job.metrics or {}, "created_at": job.created_at.isoformat()}
+                  "metrics": job.metrics or {}, "created_at": created.isoformat()}
     if status["status"] == "succeeded" and status["published"]:
+        # The job published in its own process; the engine serving requests lives in this one.
         from annotation.versions import activate_in_engine, find_version
 
         version = find_version(status["version"], url)
@@ -205,21 +356,31 @@ def job_status(job_id: int, url: str | None = None) -> dict:
     return status
 
 
+def _first_total_steps(job_id: int, url: str | None, recent: list[dict]) -> int | None:
+    start = next((e for e in reversed(recent) if e.get("event") == "start"), None)
+    if start is None:
+        start = next((e for e in read_events(job_id, url=url)[:1] if e.get("event") == "start"), {})
+    return start.get("total_steps")
+
+
 def list_jobs(url: str | None = None) -> list[dict]:
+    """Every job, newest first, as job_status gives it."""
     with session_scope(url) as s:
         ids = list(s.scalars(select(FinetuneJob.id).order_by(FinetuneJob.id.desc())))
     return [job_status(i, url) for i in ids]
 
 
 def recover_jobs(url: str | None = None) -> list[dict]:
-    """After an app restart: settle every job left 'running' whose process is gone."""
+    """On app start: settle every queued/running job whose process is gone (from its log)."""
     with session_scope(url) as s:
         ids = list(s.scalars(select(FinetuneJob.id).where(FinetuneJob.status.in_(ACTIVE))))
     return [job_status(i, url) for i in ids]
 
 
+# ====================================================================== stopping and resuming
+
 def cancel_job(job_id: int, url: str | None = None) -> dict:
-    """Ask the trainer to stop (SIGTERM: it saves a partial checkpoint and logs 'cancelled')."""
+    """A clean stop: SIGTERM, on which the trainer saves a checkpoint and logs 'cancelled'."""
     with session_scope(url) as s:
         job = s.get(FinetuneJob, job_id)
         if job is None:
@@ -227,262 +388,29 @@ def cancel_job(job_id: int, url: str | None = None) -> dict:
         if job.status not in ACTIVE:
             raise UserError(f"job {job_id} is {job.status}, not running")
         pid = job.pid
-        if job.status == "queued" and not pid:
-            job.status, job.finished_at = "cancelled", _now()
-    if pid and _alive(pid):
+    if _alive(pid):
         os.kill(pid, signal.SIGTERM)
+    else:
+        set_job_status(job_id, "cancelled", url)
     return job_status(job_id, url)
 
 
 def resume_job(job_id: int, url: str | None = None, background: bool = True) -> int:
-    """Continue a killed/failed/cancelled job from its last checkpoint."""
-    with session_scope(url) as s:
-        job = s.get(FinetuneJob, job_id)
-        if job is None:
-            raise UserError(f"no fine-tune job {job_id}")
+    """Continue a killed, failed or cancelled job from its last checkpoint, same data order.
+    `background=False` only requeues it (the CLI then trains in its own process)."""
     status = job_status(job_id, url)
-    if status["status"] == "running":
-        raise UserError(f"job {job_id} is still running")
+    if status["status"] in ACTIVE:
+        raise UserError(f"job {job_id} is still {status['status']}")
     if status["status"] == "succeeded":
-        raise UserError(f"job {job_id} already finished")
-    with session_scope(url) as s:
-        job = s.get(FinetuneJob, job_id)
-        job.status, job.error, job.finished_at = "queued", None, None
+        raise UserError(f"job {job_id} has finished already")
+    with _one_at_a_time():
+        with session_scope(url) as s:
+            busy = s.scalar(select(FinetuneJob).where(FinetuneJob.status.in_(ACTIVE)))
+            if busy is not None:
+                raise UserError(f"fine-tune job {busy.id} is still {busy.status}; one job trains at a time")
+            job = s.get(FinetuneJob, job_id)
+            job.status, job.error, job.finished_at = "queued", None, None
+            job.pid = None if background else os.getpid()
     if background:
         _spawn(job_id, ["--job-id", str(job_id), "--resume-checkpoint"], url)
     return job_id
-
-
-# ====================================================================== the trainer (subprocess)
-
-class _EventLog:
-    def __init__(self, path: Path, is_main: bool = True):
-        self.path, self.is_main = path, is_main
-
-    def __call__(self, event: str, **fields) -> None:
-        if not self.is_main:
-            return
-        with open(self.path, "a") as f:
-            f.write(json.dumps({"event": event, "time": round(time.time(), 3), **fields}) + "\n")
-
-
-def _training_records(snapshot_path: Path, parent_snapshot: Path | None, ratio: float,
-                      seed: int) -> tuple[list[dict], int]:
-    from annotation.export import read_records
-
-    records = [r for r in read_records(snapshot_path) if r.get("split", "train") == "train"]
-    replay: list[dict] = []
-    if parent_snapshot and ratio > 0 and parent_snapshot.resolve() != snapshot_path.resolve():
-        earlier = [r for r in read_records(parent_snapshot) if r.get("split", "train") == "train"]
-        rng = random.Random(seed)
-        replay = rng.sample(earlier, min(len(earlier), int(round(ratio * len(records)))))
-    return records + replay, len(replay)
-
-
-def _question_and_answer(record: dict) -> tuple[str, str]:
-    human = next(t["value"] for t in record["conversations"] if t["from"] == "human")
-    answer = next(t["value"] for t in record["conversations"] if t["from"] == "gpt")
-    return human.replace("<image>", "").replace("<video>", "").strip(), answer
-
-
-def train_job(job_id: int, resume: bool = False, url: str | None = None) -> int:
-    """Run job `job_id` in this process (the subprocess `start_job` spawned, or the CLI)."""
-    import numpy as np
-    import torch
-    from accelerate import Accelerator
-    from transformers import get_scheduler
-
-    from annotation.export import resolve_snapshot
-    from annotation.versions import ensure_registered, find_version, gate, models_dir, register_version
-    from core.faces import FaceConfig, shared_analyzer
-    from core.media import load_media
-    from core.model.modeling import EmoLlama
-
-    with session_scope(url) as s:
-        job = s.get(FinetuneJob, job_id)
-        if job is None:
-            raise UserError(f"no fine-tune job {job_id}")
-        opts = TrainOptions.from_dict(job.config)
-        snapshot = s.get(ExportSnapshot, job.snapshot_id)
-        snapshot_path, snapshot_id = Path(snapshot.path), snapshot.id
-        from_row = s.get(ModelVersion, job.from_version_id) if job.from_version_id else None
-        from_name = from_row.name if from_row else None
-        out_dir = Path(job.out_dir)
-        job.status, job.pid = "running", os.getpid()
-        job.started_at = job.started_at or _now()
-    events = _EventLog(out_dir / "events.jsonl")
-    stop = {"requested": False}
-    signal.signal(signal.SIGTERM, lambda *_: stop.__setitem__("requested", True))
-    try:
-        from annotation.versions import serving_version
-
-        parent = find_version(from_name, url) if from_name else serving_version(url)
-        if parent is None:
-            base = os.environ.get("EMO_LLAMA_MODEL")
-            if not base:
-                raise UserError("nothing to fine-tune: no serving model version and no EMO_LLAMA_MODEL")
-            parent = ensure_registered(base, url)
-        parent_snapshot = None
-        if parent.get("snapshot_id"):
-            with session_scope(url) as s:
-                row = s.get(ExportSnapshot, parent["snapshot_id"])
-                parent_snapshot = Path(row.path) if row else None
-        records, replayed = _training_records(snapshot_path, parent_snapshot, opts.replay_ratio, opts.seed)
-        if not records:
-            raise UserError(f"snapshot {snapshot_path.name} has no training records")
-
-        accelerator = Accelerator(gradient_accumulation_steps=opts.grad_accum,
-                                  mixed_precision="bf16" if torch.cuda.is_available() else "no")
-        events.is_main = accelerator.is_main_process
-        checkpoint = out_dir / "checkpoint"
-        start_folder = checkpoint / "model" if resume and (checkpoint / "state.pt").exists() else Path(parent["folder"])
-        torch.manual_seed(opts.seed)
-        model = EmoLlama.from_pretrained(start_folder, trainable=True)
-        if opts.gradient_checkpointing:
-            model.llm.gradient_checkpointing_enable()
-        params = [p for p in model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=opts.lr, weight_decay=0.0)
-        steps_per_epoch = math.ceil(len(records) / (opts.batch_size * opts.grad_accum))
-        total_steps = opts.max_steps or steps_per_epoch * opts.epochs
-        scheduler = get_scheduler(opts.scheduler, optimizer, num_warmup_steps=int(opts.warmup_ratio * total_steps),
-                                  num_training_steps=total_steps)
-        model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
-        core = accelerator.unwrap_model(model)
-        step = 0
-        if start_folder != Path(parent["folder"]):
-            state = torch.load(checkpoint / "state.pt", weights_only=False)
-            optimizer.load_state_dict(state["optimizer"])
-            scheduler.load_state_dict(state["scheduler"])
-            step = state["step"]
-        events("start", job=job_id, parent=parent["name"], samples=len(records), replayed=replayed,
-               total_steps=total_steps, resumed_from=step if step else None, options=asdict(opts),
-               device=str(accelerator.device))
-
-        analyzer = shared_analyzer(FaceConfig(prior=core.config.prior))
-        cache: dict[str, tuple] = {}
-
-        def example(record: dict):
-            path = record.get("image") or record.get("video")
-            if path not in cache:
-                media = load_media(path, num_frames=opts.num_frames)
-                cache[path] = (media.frames, [analyzer.analyze(f) for f in media.frames])
-            frames, faces = cache[path]
-            question, answer = _question_and_answer(record)
-            return core.prepare(frames, faces, question), answer
-
-        # The data order is a pure function of (seed, epoch): a resumed job sees the same batches.
-        def order(epoch: int) -> list[int]:
-            return np.random.default_rng([opts.seed, epoch]).permutation(len(records)).tolist()
-
-        def save_checkpoint() -> None:
-            if not accelerator.is_main_process:
-                return
-            tmp = out_dir / "checkpoint.tmp"
-            if tmp.exists():
-                import shutil
-
-                shutil.rmtree(tmp)
-            core.save_pretrained(tmp / "model")
-            torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "step": step},
-                       tmp / "state.pt")
-            if checkpoint.exists():
-                import shutil
-
-                shutil.rmtree(checkpoint)
-            os.replace(tmp, checkpoint)
-            events("checkpoint", step=step)
-
-        model.train()
-        started, first_step = time.time(), step
-        micro = opts.batch_size
-        while step < total_steps and not stop["requested"]:
-            epoch, within = divmod(step, steps_per_epoch)
-            indices = order(epoch)
-            for start in range(within * micro * opts.grad_accum, len(indices), micro):
-                batch = [example(records[i]) for i in indices[start:start + micro]]
-                with accelerator.accumulate(model):
-                    loss = model([b[0] for b in batch], [b[1] for b in batch])
-                    accelerator.backward(loss)
-                    optimizer.step()
-                    scheduler.step()
-                    optimizer.zero_grad()
-                if not accelerator.sync_gradients:
-                    continue
-                step += 1
-                elapsed = max(time.time() - started, 1e-6)
-                rate = (step - first_step) * micro * opts.grad_accum / elapsed
-                events("step", step=step, total_steps=total_steps, epoch=epoch, loss=round(loss.item(), 5),
-                       lr=scheduler.get_last_lr()[0], samples_per_s=round(rate, 2),
-                       eta_s=round((total_steps - step) * elapsed / max(step - first_step, 1), 1))
-                if step % opts.checkpoint_every == 0:
-                    save_checkpoint()
-                if step >= total_steps or stop["requested"]:
-                    break
-        if stop["requested"]:
-            save_checkpoint()
-            events("cancelled", step=step, checkpoint=str(checkpoint))
-            _set_status(job_id, "cancelled", url)
-            return 130
-
-        name = opts.name or f"v{job_id}"
-        if find_version(name, url):
-            raise UserError(f"a model version named {name!r} exists already")
-        tmp_folder = models_dir() / f".tmp-{name}"
-        core.config.parent_version = parent["name"]
-        core.save_pretrained(tmp_folder, version=name)
-        del model, core, optimizer
-        final_folder = models_dir() / name
-        os.replace(tmp_folder, final_folder)  # atomic: a version folder is complete or absent
-        register_version(name, final_folder, parent=parent["name"], snapshot_id=snapshot_id, job_id=job_id,
-                         is_tiny=_is_tiny(final_folder), url=url)
-
-        from annotation.evaluate import evaluate_version
-
-        with session_scope(url) as s:
-            dataset = s.get(ExportSnapshot, snapshot_id).dataset_id
-            from db.models import Dataset
-
-            dataset_name = s.get(Dataset, dataset).name
-        key = f"{dataset_name}/test"
-        new_eval = evaluate_version(name, dataset_name, "test", url=url, num_frames=opts.num_frames)
-        parent_version = find_version(parent["name"], url)
-        if key not in (parent_version.get("metrics") or {}):
-            evaluate_version(parent["name"], dataset_name, "test", url=url, num_frames=opts.num_frames)
-            parent_version = find_version(parent["name"], url)
-        events("eval", version=name, uar=new_eval["uar"], war=new_eval["war"],
-               parent_uar=parent_version["metrics"][key]["uar"], rouge_l=new_eval["rouge_l"],
-               confusion_png=new_eval["confusion_png"])
-        candidate = find_version(name, url)
-        ok, why = gate(candidate, parent_version, key, opts.gate_margin)
-        if ok:
-            from annotation.versions import publish
-
-            publish(name, key=key, margin=opts.gate_margin, url=url)
-        metrics = {"uar": new_eval["uar"], "war": new_eval["war"], "parent_uar": parent_version["metrics"][key]["uar"]}
-        events("done", version=name, published=ok, gate=why, metrics=metrics)
-        _set_status(job_id, "succeeded", url, metrics=metrics)
-        return 0
-    except BaseException as exc:
-        message = str(exc) if isinstance(exc, UserError) else f"{type(exc).__name__}: {exc}"
-        if not isinstance(exc, UserError):
-            log.exception("fine-tune job %s failed", job_id)
-        events("failed", error=message)
-        _set_status(job_id, "failed", url, error=message)
-        if isinstance(exc, UserError):
-            raise
-        return 1
-
-
-def _is_tiny(folder: Path) -> bool:
-    from core.model.config import EmoLlamaConfig
-
-    return EmoLlamaConfig.load(folder).is_tiny
-
-
-def _set_status(job_id: int, status: str, url: str | None, error: str | None = None,
-                metrics: dict | None = None) -> None:
-    with session_scope(url) as s:
-        job = s.get(FinetuneJob, job_id)
-        job.status, job.error, job.finished_at = status, error, _now()
-        if metrics:
-            job.metrics = {**(job.metrics or {}), **metrics}

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from sqlalchemy import select
 
-from core.errors import UserError
+from core.errors import ModelLoadError, UserError
 from db.models import ModelVersion
 from db.session import data_dir, session_scope
 
@@ -78,15 +78,24 @@ def register_version(name: str, folder: str | Path, parent: str | None = None,
 
 
 def ensure_registered(folder: str, url: str | None = None) -> dict:
-    """The version row of a checkpoint folder, registering it under its config's version name."""
+    """The version row of a checkpoint folder (or hub id), registering it under its config's
+    version name: how a base checkpoint becomes the first parent."""
     from core.model.config import EmoLlamaConfig
+    from core.model.modeling import resolve_checkpoint
 
     found = find_version(folder, url)
     if found:
         return found
-    config = EmoLlamaConfig.load(folder)
-    name = config.version if not find_version(config.version, url) else f"{config.version}-{Path(folder).name}"
-    return register_version(name, folder, is_tiny=config.is_tiny, published=True, url=url)
+    path = resolve_checkpoint(folder).resolve()
+    found = find_version(str(path), url)
+    if found:
+        return found
+    try:
+        config = EmoLlamaConfig.load(path)
+    except (OSError, ValueError, TypeError) as exc:
+        raise ModelLoadError(f"{folder}: not an EMO-LLaMA checkpoint ({exc})") from None
+    name = config.version if not find_version(config.version, url) else f"{config.version}-{path.name}"
+    return register_version(name, path, is_tiny=config.is_tiny, published=True, url=url)
 
 
 def record_metrics(name: str, metrics: dict, url: str | None = None) -> None:
@@ -98,13 +107,20 @@ def record_metrics(name: str, metrics: dict, url: str | None = None) -> None:
 
 def gate(candidate: dict, parent: dict | None, key: str, margin: float) -> tuple[bool, str]:
     """Publish only if the candidate's UAR on `key` (dataset/split) is no worse than its parent's
-    minus `margin`. A version without a parent measurement cannot be compared and passes."""
+    minus `margin`, both measured on the same samples. The default margin is 0: a version that is
+    worse on the held-out split than the one it was trained from is never published by itself
+    (a margin > 0 tolerates noise on small test sets). A version whose parent was never measured
+    (a base checkpoint registered by hand) cannot be compared and passes."""
     new = (candidate.get("metrics") or {}).get(key, {}).get("uar")
     if new is None:
         return False, f"{candidate['name']} has no UAR on {key}"
-    old = ((parent or {}).get("metrics") or {}).get(key, {}).get("uar")
+    measured = ((parent or {}).get("metrics") or {}).get(key, {})
+    old = measured.get("uar")
     if old is None:
         return True, f"UAR {new:.3f} on {key} (no parent measurement to compare)"
+    if measured.get("samples") != candidate["metrics"][key].get("samples"):
+        return False, (f"{parent['name']} was measured on other {key} samples; evaluate it again: "
+                       f"`python app.py evaluate --version {parent['name']} --dataset {key.split('/')[0]}`")
     if new >= old - margin:
         return True, f"UAR {new:.3f} vs parent {old:.3f} on {key} (margin {margin})"
     return False, f"UAR {new:.3f} dropped below parent {old:.3f} - {margin} on {key}"
@@ -131,8 +147,11 @@ def publish(name: str, key: str | None = None, margin: float = 0.0, force: bool 
 def rollback(name: str, url: str | None = None) -> dict:
     """Serve an earlier published version again."""
     version = find_version(name, url)
-    if version is None or not version["published"]:
-        raise UserError(f"{name!r} is not a published version")
+    if version is None:
+        raise UserError(f"no model version named {name!r}")
+    if not version["published"]:
+        raise UserError(f"{name} was never published (its evaluation gate failed or it was not "
+                        f"evaluated); publish it first: `python app.py versions publish {name}`")
     return _serve(name, url)
 
 
@@ -151,7 +170,7 @@ def activate_in_engine(version: dict) -> bool:
     """Hot-swap the running engine of this process (if any) to `version`."""
     import core.engine as engine_module
 
-    engine = engine_module._shared
+    engine = getattr(engine_module, "_shared", None)  # never start an engine just to swap it
     if engine is None:
         return False
     if engine.info["model_version"].split(":")[-1] == version["name"]:
