@@ -1,0 +1,440 @@
+"""The web app through its HTTP API: the real `python app.py serve` in a subprocess, driven by
+gradio_client exactly as a user's script would drive it.
+
+Each test file that uses the `studio` fixture gets its own server (tiny checkpoint, SQLite and
+data dir under tmp, the fake Gemini server), so tests/test_webapp_browser.py does not depend on
+what these tests stored. Also in-process tests of tokens, escaping, video conversion, backups.
+"""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests.media_files import (face_frames, face_photo, no_face_photo, ramp_frames, write_image,
+                               write_video)
+from tests.model_fixtures import tiny_checkpoint  # noqa: F401  (fixture)
+
+REPO = Path(__file__).resolve().parents[1]
+USERS = {"ada": ("admin", "ada-admin-pass"), "ann": ("annotator", "ann-annotator-pass"),
+         "rev": ("reviewer", "rev-reviewer-pass"), "vic": ("viewer", "vic-viewer-pass")}
+GEMINI_KEY = "fake-gemini-test-key"
+XSS = "<script>alert(1)</script><img src=x onerror=alert(2)>"
+SERVER_START_S = 180
+
+
+@dataclass
+class Studio:
+    """A running app: its URL, its folders and the files the tests send it."""
+    url: str
+    root: Path
+    db_url: str
+    log: Path
+    files: dict[str, Path]
+
+    def client(self):
+        from gradio_client import Client
+
+        return Client(self.url, verbose=False, download_files=str(self.root / "downloads"))
+
+    def upload(self, name: str):
+        from gradio_client import handle_file
+
+        return handle_file(str(self.files[name]))
+
+    def token(self, name: str) -> str:
+        return self.client().predict(name, USERS[name][1], api_name="/login")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _face_dataset(root: Path) -> Path:
+    """A folder-per-class image dataset of real faces (the astronaut, shifted and tinted)."""
+    photo = face_photo()[:320, 96:416]
+    for i, (split, label) in enumerate([("train", "happy"), ("train", "sad"), ("train", "angry"),
+                                        ("test", "happy"), ("test", "neutral")]):
+        tinted = np.clip(photo.astype(int) + (i * 9 - 18), 0, 255).astype(np.uint8)
+        (root / split / label).mkdir(parents=True, exist_ok=True)
+        write_image(root / split / label / f"{i:03d}.png", np.roll(tinted, 3 * i, axis=1))
+    return root
+
+
+def _wait_until_up(url: str, process: subprocess.Popen, log: Path) -> None:
+    deadline = time.monotonic() + SERVER_START_S
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            pytest.fail(f"the app exited with {process.returncode}:\n{log.read_text()[-3000:]}")
+        try:
+            with urllib.request.urlopen(f"{url}/gradio_api/info", timeout=2) as answer:
+                if answer.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.5)
+    pytest.fail(f"the app did not start within {SERVER_START_S} s:\n{log.read_text()[-3000:]}")
+
+
+@pytest.fixture(scope="module")
+def fake_gemini_url():
+    from tests.fake_gemini import FakeGemini
+
+    with FakeGemini(api_key=GEMINI_KEY) as fake:
+        yield fake.url
+
+
+@pytest.fixture(scope="module")
+def studio(tmp_path_factory, tiny_checkpoint, fake_gemini_url):  # noqa: F811
+    """`python app.py serve` on a free port with everything under a tmp folder."""
+    from annotation.importers import import_dataset
+    from annotation.users import add_user
+    from db.session import dispose_engine, init_db
+
+    root = tmp_path_factory.mktemp("studio")
+    data = root / "data"
+    db_url = f"sqlite:///{data / 'studio.db'}"
+    init_db(db_url)
+    for name, (role, password) in USERS.items():
+        add_user(name, role, password, url=db_url)
+    import_dataset("folder", _face_dataset(root / "faces"), "faces", url=db_url, progress=False)
+    dispose_engine(db_url)
+
+    files = {"face": write_image(root / "face.jpg", face_photo()),
+             "no_face": write_image(root / "coffee.jpg", no_face_photo()),
+             "video": write_video(root / "clip.mp4", face_frames(12), fps=6),
+             "long_video": write_video(root / "long.mp4", ramp_frames(121), fps=1)}
+    corrupt = root / "corrupt.jpg"
+    corrupt.write_bytes(b"\xff\xd8\xff\xe0 this is not really a JPEG" * 20)
+    files["corrupt"] = corrupt
+
+    env = {**os.environ, "EMO_DATA_DIR": str(data), "EMO_DB_URL": db_url,
+           "EMO_SECRET_KEY": "test-secret-key", "GEMINI_API_KEY": GEMINI_KEY,
+           "GEMINI_BASE_URL": fake_gemini_url, "GRADIO_TEMP_DIR": str(root / "gradio-tmp"),
+           "GRADIO_ANALYTICS_ENABLED": "False", "PYTHONUNBUFFERED": "1",
+           "EMO_ADMIN_USER": "boss", "EMO_ADMIN_PASSWORD": "boss-from-space-secret"}
+    env.pop("GOOGLE_API_KEY", None)
+    port = _free_port()
+    log = root / "server.log"
+    with open(log, "w") as out:
+        process = subprocess.Popen(
+            [sys.executable, "app.py", "serve", "--port", str(port), "--model",
+             str(tiny_checkpoint)], cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        _wait_until_up(url, process, log)
+        yield Studio(url=url, root=root, db_url=db_url, log=log, files=files)
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+
+
+def _app_error(call) -> str:
+    """The message of the gr.Error a call ends with (fails the test if it succeeds)."""
+    from gradio_client.exceptions import AppError
+
+    with pytest.raises(AppError) as raised:
+        call()
+    return str(raised.value)
+
+
+# ------------------------------------------------------------------------- public endpoints
+
+def test_predict_image_with_a_face(studio):
+    prediction, drawn, *_, explanation = studio.client().predict(
+        studio.upload("face"), api_name="/predict_image")
+    assert prediction["mode"] == "tiny-test-fixture"
+    assert prediction["model_version"].startswith("tiny-test-fixture")
+    assert prediction["label"] in prediction["scores"]
+    assert sum(prediction["scores"].values()) == pytest.approx(1.0, abs=1e-3)
+    face = prediction["faces"][0]
+    assert len(face["landmarks"]) == 5 and face["box"][2] > face["box"][0]
+    assert explanation == prediction["explanation"]
+    assert Image.open(drawn).size == Image.open(studio.files["face"]).size
+
+
+def test_predict_image_without_a_face_gives_no_label(studio):
+    prediction, *_, explanation = studio.client().predict(studio.upload("no_face"),
+                                                          api_name="/predict_image")
+    assert prediction["faces"] == []
+    assert prediction["label"] is None or prediction["mode"] != "prior-only"
+
+
+def test_corrupt_image_is_a_clear_error(studio):
+    message = _app_error(lambda: studio.client().predict(studio.upload("corrupt"),
+                                                         api_name="/predict_image"))
+    assert message.startswith("corrupt.jpg: ") and "corrupt or truncated" in message
+    assert "Traceback" not in message
+
+
+def test_predict_video_reports_faces_per_frame(studio):
+    prediction, strip, *_ = studio.client().predict(studio.upload("video"),
+                                                    api_name="/predict_video")
+    assert prediction["media"]["kind"] == "video"
+    assert prediction["label"] in prediction["scores"]
+    frames = {face["frame"] for face in prediction["faces"]}
+    assert frames and frames <= set(range(len(strip)))
+    assert all(item["caption"].startswith("frame ") for item in strip)
+
+
+def test_too_long_video_is_refused_with_advice(studio):
+    message = _app_error(lambda: studio.client().predict(studio.upload("long_video"),
+                                                         api_name="/predict_video"))
+    assert "2 min 1 s long" in message and "up to 120 s" in message and "ffmpeg" in message
+
+
+def test_gemini_explain_answers_from_the_fake_server(studio):
+    answer, label, explanation, meta = studio.client().predict(studio.upload("face"),
+                                                               api_name="/gemini_explain")
+    assert answer["label"] and answer["explanation"] == explanation
+    assert answer["source"].startswith("gemini:")
+    again = studio.client().predict(studio.upload("face"), api_name="/gemini_explain")[0]
+    assert again["cached"] is True and again["explanation"] == answer["explanation"]
+    assert GEMINI_KEY not in str(answer) + meta
+
+
+# ------------------------------------------------------------------------- roles through the API
+
+def test_anonymous_call_to_an_admin_endpoint_is_refused(studio):
+    message = _app_error(lambda: studio.client().predict(
+        None, "folder", str(studio.root / "faces"), "stolen", api_name="/import_dataset"))
+    assert "sign in" in message.lower() and "admin" in message
+
+
+def test_annotator_cannot_reach_admin_actions(studio):
+    token = studio.token("ann")
+    message = _app_error(lambda: studio.client().predict(token, "faces", False,
+                                                         api_name="/export_snapshot"))
+    assert "ann (annotator)" in message and "admin role" in message
+    message = _app_error(lambda: studio.client().predict(token, api_name="/status"))
+    assert "admin role" in message
+
+
+def test_forged_and_tampered_tokens_are_refused(studio):
+    token = studio.token("ann")
+    body, signature = token.split(".")
+    forged = body + "." + "0" * len(signature)
+    for bad in (forged, "not-a-token", token + "x"):
+        message = _app_error(lambda bad=bad: studio.client().predict(bad, "faces",
+                                                                     api_name="/next_record"))
+        assert "sign in again" in message
+
+
+def test_space_secrets_create_the_admin_who_sees_engine_health(studio):
+    client = studio.client()
+    token = client.predict("boss", "boss-from-space-secret", api_name="/login")
+    report = client.predict(token, api_name="/status")
+    assert report["engine"]["mode"] == "tiny-test-fixture"
+    assert report["health"]["served"] >= 0 and "latency_ms_p95" in report["health"]
+    assert "studio.db" in report["database"]
+
+
+def test_wrong_password_is_refused(studio):
+    message = _app_error(lambda: studio.client().predict("ann", "wrong-password",
+                                                         api_name="/login"))
+    assert message.endswith("Unknown user name or wrong password.")
+
+
+def test_viewer_cannot_annotate(studio):
+    token = studio.token("vic")
+    message = _app_error(lambda: studio.client().predict(token, "faces",
+                                                         api_name="/next_record"))
+    assert "annotator role" in message
+
+
+def test_admin_runs_a_gemini_job_with_progress_and_cost(studio):
+    text, summary = studio.client().predict(studio.token("ada"), "faces", 5, "",
+                                            api_name="/generate_instructions")
+    # The fake answers "happiness" for every face: the two happy records pass, the other
+    # three contradict their ground truth and are stored as rejected.
+    assert (summary["ok"], summary["rejected"], summary["failed"]) == (2, 3, 0)
+    assert summary["rejected_by_reason"] == {"wrong_label": 3}
+    assert summary["input_tokens"] > 0 and summary["estimated_cost_usd"] > 0
+    assert "**2** suggestions stored" in text and "estimated cost" in text
+    again = studio.client().predict(studio.token("ada"), "faces", 5, "",
+                                    api_name="/generate_instructions")[1]
+    assert again["skipped"] == 5 and again["requests"] == 0   # resumable: nothing paid twice
+
+
+# ------------------------------------------------------------------------- annotation workflow
+
+def test_annotate_submit_history_and_conflict_through_the_api(studio):
+    client, token = studio.client(), studio.token("ann")
+    record = client.predict(token, "faces", api_name="/next_record")
+    assert record["dataset"] == "faces" and record["response"] is None
+    sid = record["sample_id"]
+    saved = client.predict(token, sid, "happiness", "Cheeks raised. " + XSS, "draft", 0,
+                           api_name="/save_annotation")
+    assert saved["version"] == 1
+    # A second editor still on version 0 loses, and is told the newer text.
+    message = _app_error(lambda: client.predict(token, sid, "sadness", "stale", "draft", 0,
+                                                api_name="/save_annotation"))
+    assert "saved meanwhile" in message and "version 1" in message
+    submitted = client.predict(token, sid, "happiness", "Cheeks raised, lip corners up.",
+                               "submitted", 1, api_name="/save_annotation")
+    assert submitted["status"] == "submitted" and submitted["version"] == 2
+    actions = [h["action"] for h in client.predict(token, sid, api_name="/record_history")]
+    assert actions == ["draft", "conflict", "submitted"]
+
+    reviewer = studio.token("rev")
+    with pytest.raises(Exception, match="reviewer role"):
+        client.predict(token, submitted["response_id"], "accepted", "",
+                       api_name="/review_annotation")
+    verdict = client.predict(reviewer, submitted["response_id"], "accepted", "good evidence", 2,
+                             api_name="/review_annotation")
+    assert verdict["decision"] == "accepted" and verdict["reviewer"] == "rev"
+
+
+# ------------------------------------------------------------------------- in process
+
+def test_webapp_does_not_import_torch():
+    code = "import sys, webapp.app; assert 'torch' not in sys.modules, 'torch imported'"
+    subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True)
+
+
+def test_videos_browsers_cannot_play_are_converted_for_the_player(tmp_path, monkeypatch):
+    import av
+
+    from webapp.components.video import playable_video
+
+    monkeypatch.setenv("EMO_DATA_DIR", str(tmp_path / "data"))
+    mp4 = write_video(tmp_path / "clip.mp4", face_frames(6))
+    avi = write_video(tmp_path / "clip.avi", face_frames(6), codec="mpeg4")
+    folder = tmp_path / "frames"
+    folder.mkdir()
+    for i, frame in enumerate(face_frames(5)):
+        write_image(folder / f"{i:03d}.jpg", frame)
+    assert playable_video(str(mp4)) == str(mp4)                 # H.264 mp4: played as it is
+    for source, frames in ((avi, 6), (folder, 5), (mp4, 6)):
+        copy = playable_video(str(source), in_cache=True)
+        assert copy.startswith(str(tmp_path / "data" / "cache")) and copy.endswith(".mp4")
+        with av.open(copy) as container:
+            stream = container.streams.video[0]
+            assert stream.codec_context.name == "h264"
+            assert sum(1 for _ in container.decode(stream)) == frames
+    assert playable_video(str(avi), in_cache=True) == playable_video(str(avi))  # cached
+
+
+def test_compare_without_a_gemini_key_says_how_to_configure_it(monkeypatch, tmp_path):
+    import gradio as gr
+
+    from webapp.components.compare import gemini_side
+
+    monkeypatch.delenv("GEMINI_API_KEY", raising=False)
+    monkeypatch.delenv("GOOGLE_API_KEY", raising=False)
+    photo = write_image(tmp_path / "face.jpg", face_photo())
+    with pytest.raises(gr.Error) as raised:
+        gemini_side(str(photo))
+    assert "set GEMINI_API_KEY (or GOOGLE_API_KEY)" in raised.value.message
+
+
+def test_backups_to_persistent_storage_restore_a_lost_store(tmp_path, monkeypatch):
+    from annotation.users import add_user, list_users
+    from db.session import dispose_engine, init_db
+    from webapp.app import BACKUPS_KEPT, backup_once, restore_latest_backup
+
+    database = tmp_path / "local" / "emo_studio.db"
+    url = f"sqlite:///{database}"
+    monkeypatch.setenv("EMO_DB_URL", url)
+    init_db(url)
+    add_user("ana", "annotator", "ana-password", url=url)
+    backups = tmp_path / "persistent"
+    backup_once(backups)
+    assert restore_latest_backup(backups) is None      # the store exists: left alone
+    dispose_engine(url)
+    for leftover in database.parent.iterdir():         # the Space restarted on empty disk
+        leftover.unlink()
+    assert restore_latest_backup(backups) is not None
+    assert [u["name"] for u in list_users(url=url)] == ["ana"]
+    for _ in range(BACKUPS_KEPT + 2):                  # old copies are pruned
+        backup_once(backups)
+    assert len(list(backups.glob("*.db"))) == BACKUPS_KEPT
+    dispose_engine(url)
+
+
+def test_model_and_user_text_is_escaped_in_html_outputs():
+    import gradio as gr
+
+    from core.errors import UserError
+    from webapp.components.annotate import conflict_html
+    from webapp.components.common import handle_errors
+    from webapp.components.render import mode_banner, result_summary
+
+    result = {"label": XSS, "scores": {XSS: 1.0}, "faces": [], "model_version": XSS,
+              "mode": "checkpoint", "note": XSS}
+
+    @handle_errors
+    def failing():
+        raise UserError(f"{XSS}.jpg: not an image")
+
+    with pytest.raises(gr.Error) as raised:
+        failing()
+    for html in (result_summary(result), result_summary({**result, "label": None}),
+                 mode_banner(result), raised.value.message,
+                 conflict_html({"user": XSS, "label": XSS, "explanation": XSS, "version": 2,
+                                "status": "draft"})):
+        assert "<script" not in html and "<img" not in html and "&lt;script&gt;" in html
+
+
+
+
+@pytest.fixture
+def token_store(tmp_path, monkeypatch):
+    from annotation.users import add_user
+    from db.session import dispose_engine, init_db
+    from webapp import auth
+
+    url = f"sqlite:///{tmp_path / 'auth.db'}"
+    monkeypatch.setenv("EMO_DB_URL", url)
+    monkeypatch.setenv("EMO_DATA_DIR", str(tmp_path))
+    monkeypatch.delenv("EMO_SECRET_KEY", raising=False)
+    auth.reset_secret_cache()
+    init_db(url)
+    add_user("ana", "annotator", "ana-password", url=url)
+    yield url
+    auth.reset_secret_cache()
+    dispose_engine(url)
+
+
+def test_token_carries_identity_and_role_comes_from_the_database(token_store, tmp_path):
+    from annotation.users import set_password, set_role
+    from webapp import auth
+
+    token = auth.login("ana", "ana-password")
+    assert (tmp_path / "secret_key").stat().st_mode & 0o777 == 0o600
+    assert auth.require(token, "annotator").name == "ana"
+    with pytest.raises(auth.AuthError, match="needs the admin role"):
+        auth.require(token, "admin")
+    set_role("ana", "admin", url=token_store)       # promotion applies to the same token
+    assert auth.require(token, "admin").role == "admin"
+    set_password("ana", "a-new-password", url=token_store)   # ends existing sessions
+    with pytest.raises(auth.AuthError, match="no longer valid"):
+        auth.require(token, "viewer")
+
+
+def test_expired_and_foreign_tokens_are_refused(token_store, monkeypatch):
+    from webapp import auth
+
+    user = auth.identify(auth.login("ana", "ana-password"))
+    old = auth.issue_token(user.user_id, "ana", None, now=time.time() - 48 * 3600)
+    with pytest.raises(auth.AuthError, match="expired"):
+        auth.identify(old)
+    token = auth.login("ana", "ana-password")
+    monkeypatch.setenv("EMO_SECRET_KEY", "another-server")
+    auth.reset_secret_cache()
+    with pytest.raises(auth.AuthError, match="not valid"):
+        auth.identify(token)
+    assert auth.identify(None) is None and auth.identify("") is None

@@ -1,0 +1,216 @@
+"""The Gradio app: builds the page from one component file per tab and launches it.
+
+    python app.py                                  # http://127.0.0.1:7860, embedded defaults
+    python app.py serve --port 7861 --model runs/v3
+
+Tabs: Image, Video, Compare (public); Annotate (annotator+, reviewer+ for reviews); Data and
+Fine-tune (admin). Gradio 6 takes theme, CSS and JS at `launch()`; the HTTP API lives under
+/gradio_api, and the public endpoints are /predict_image, /predict_video and /gemini_explain.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import re
+import threading
+import time
+from pathlib import Path
+
+import gradio as gr
+
+from core.errors import UserError
+from db.session import data_dir
+from webapp.components.common import engine, model_concurrency
+
+log = logging.getLogger(__name__)
+
+STATIC = Path(__file__).parent / "static"
+MAX_FILE_SIZE = "200mb"        # the same bound as core.media's default file limit
+QUEUE_SIZE = 64                # waiting events beyond this get "the queue is full"
+DEFAULT_CONCURRENCY = 4        # events outside the model group (DB, Gemini, polling)
+
+
+def build_app() -> gr.Blocks:
+    """The whole page. Creating it starts the shared engine (to size the model group)."""
+    from webapp.components.annotate import create_annotate_tab
+    from webapp.components.compare import create_compare_tab
+    from webapp.components.data import create_data_tab
+    from webapp.components.finetune import create_finetune_tab
+    from webapp.components.image import create_image_tab
+    from webapp.components.login import browser_state, create_login_bar
+    from webapp.components.status import create_status_panel, make_access_refresher
+    from webapp.components.video import create_video_tab
+
+    concurrency = model_concurrency()
+    with gr.Blocks(title="EMO-LLaMA Studio", fill_width=True, analytics_enabled=False) as demo:
+        token = browser_state()
+        with gr.Row(elem_id="header"):
+            gr.HTML("<div class='emo-title'><span>EMO-LLaMA Studio</span>"
+                    "<small>facial expressions, explained</small></div>")
+        banner = gr.HTML(elem_id="mode-banner")
+        login = create_login_bar(token)
+        with gr.Tabs(elem_id="main-tabs"):
+            with gr.Tab("Image", id="image"):
+                create_image_tab(data_dir() / "examples", concurrency)
+            with gr.Tab("Video", id="video"):
+                create_video_tab(concurrency)
+            with gr.Tab("Compare", id="compare"):
+                compare = create_compare_tab(token, concurrency)
+            with gr.Tab("Annotate", id="annotate"):
+                annotate = create_annotate_tab(token, concurrency)
+            with gr.Tab("Data", id="data"):
+                data = create_data_tab(token)
+            with gr.Tab("Fine-tune", id="finetune") as finetune_tab:
+                finetune = create_finetune_tab(token, banner)
+        status = create_status_panel(token)
+
+        # Who is signed in decides which panels open; every handler checks again itself.
+        gates = [*login["gates"], *compare["gates"], *annotate["gates"], *data["gates"],
+                 *finetune["gates"], *status["gates"]]
+        access = dict(fn=make_access_refresher(gates), inputs=token,
+                      outputs=[login["status"], banner, *[g[0] for g in gates]],
+                      api_visibility="private")
+        # The Fine-tune tab also lists jobs and versions, for admins, when it opens.
+        fill_finetune, finetune_outputs = finetune["on_access"]
+        fill = dict(fn=fill_finetune, inputs=token, outputs=finetune_outputs,
+                    api_visibility="private")
+        demo.load(**access).then(**fill)
+        token.change(**access).then(**fill)
+        finetune_tab.select(**fill)
+    return demo
+
+
+def _read_static(name: str) -> str:
+    return (STATIC / name).read_text()
+
+
+def launch(host: str = "127.0.0.1", port: int = 7860, share: bool = False,
+           serve_published: bool = True) -> None:
+    """Upgrade the schema, start the engine, build the page and serve it (blocks).
+
+    `serve_published`: load the model version the registry marks as serving (what a publish
+    or rollback chose before a restart) instead of the start-up model.
+    """
+    from db.session import init_db
+
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per HTTP call otherwise
+    backups = os.environ.get("EMO_BACKUP_DIR")
+    if backups:
+        restore_latest_backup(Path(backups))
+    init_db()
+    _ensure_admin()
+    _restore_training_state(serve_published)
+    # Cached example outputs live under the data dir (not the working tree), one folder per
+    # model version, so a restart on another model never shows the old model's answers.
+    version = re.sub(r"[^\w.-]+", "_", engine().info["model_version"])
+    os.environ.setdefault("GRADIO_EXAMPLES_CACHE", str(data_dir() / "cache" / "examples" / version))
+    if backups:
+        start_backups(Path(backups), float(os.environ.get("EMO_BACKUP_MINUTES", "30")))
+    demo = build_app()
+    demo.queue(max_size=QUEUE_SIZE, default_concurrency_limit=DEFAULT_CONCURRENCY)
+    demo.launch(server_name=host, server_port=port, share=share,
+                max_file_size=MAX_FILE_SIZE, show_error=False,
+                allowed_paths=[str(data_dir() / "examples"), str(data_dir() / "cache")],
+                theme=gr.themes.Soft(primary_hue="indigo", secondary_hue="pink"),
+                css=_read_static("app.css"), js=_read_static("shortcuts.js"),
+                footer_links=["api", "gradio"])
+
+
+# ----------------------------------------------------------------------------- backups
+# SQLite lives on local disk (a network mount is not safe for it). Where local disk does not
+# survive a restart, as on a Hugging Face Space, EMO_BACKUP_DIR names persistent storage
+# (e.g. /data/backups): the app copies the store there every EMO_BACKUP_MINUTES with SQLite's
+# online backup API, and a fresh start with no database restores the newest copy.
+
+BACKUPS_KEPT = 48
+
+
+def _backup_files(folder: Path) -> list[Path]:
+    return sorted(folder.glob("*.db"), key=lambda p: p.stat().st_mtime)
+
+
+def restore_latest_backup(folder: Path) -> Path | None:
+    """Copy the newest backup into place when the database file does not exist yet."""
+    import shutil
+
+    from db.session import sqlite_path
+
+    database = sqlite_path()
+    copies = _backup_files(folder) if folder.is_dir() else []
+    if database is None or database.exists() or not copies:
+        return None
+    database.parent.mkdir(parents=True, exist_ok=True)
+    partial = database.with_name(f".{database.name}.restoring")
+    shutil.copyfile(copies[-1], partial)
+    partial.replace(database)
+    log.info("restored the store from the backup %s", copies[-1])
+    return copies[-1]
+
+
+def backup_once(folder: Path) -> Path:
+    """One online copy into `folder`, keeping the newest BACKUPS_KEPT."""
+    from datetime import datetime, timezone
+
+    from db.session import backup
+
+    folder.mkdir(parents=True, exist_ok=True)
+    copy = backup(folder / datetime.now(timezone.utc).strftime("emo_studio-%Y%m%d-%H%M%S-%f.db"))
+    for old in _backup_files(folder)[:-BACKUPS_KEPT]:
+        old.unlink()
+    return copy
+
+
+def start_backups(folder: Path, minutes: float) -> threading.Thread:
+    """A daemon thread that backs the store up every `minutes` (failures are logged, not fatal)."""
+    def loop() -> None:
+        while True:
+            time.sleep(minutes * 60)
+            try:
+                log.info("backed up the store to %s", backup_once(folder))
+            except Exception:
+                log.exception("backup to %s failed; will try again", folder)
+
+    thread = threading.Thread(target=loop, name="store-backup", daemon=True)
+    thread.start()
+    return thread
+
+
+# ----------------------------------------------------------------------------- start-up state
+
+def _ensure_admin() -> None:
+    """On a fresh store, EMO_ADMIN_USER / EMO_ADMIN_PASSWORD (Space secrets) create the admin.
+
+    A Hugging Face Space has no shell for `python app.py users add`; an existing user of that
+    name is left exactly as it is.
+    """
+    password = os.environ.get("EMO_ADMIN_PASSWORD")
+    if not password:
+        return
+    from annotation.users import add_user, list_users
+
+    name = os.environ.get("EMO_ADMIN_USER", "admin")
+    if all(user["name"] != name for user in list_users()):
+        add_user(name, "admin", password)
+        log.info("created the admin user %s from EMO_ADMIN_USER/EMO_ADMIN_PASSWORD", name)
+
+
+def _restore_training_state(serve_published: bool) -> None:
+    """Settle jobs a crash left "running" (so the UI never waits on them) and, if asked, serve
+    the version the registry says is serving."""
+    try:
+        from annotation.finetune import recover_jobs
+        from annotation.versions import activate_in_engine, serving_version
+    except ModuleNotFoundError as exc:
+        if exc.name not in ("annotation.finetune", "annotation.versions"):
+            raise  # a real missing dependency, not the fine-tune part left out
+        return
+    recover_jobs()
+    version = serving_version() if serve_published else None
+    if version is not None:
+        engine()  # activate_in_engine swaps the running engine; start it first
+        try:
+            activate_in_engine(version)
+        except (UserError, OSError) as exc:  # e.g. its folder is gone: keep the start-up model
+            log.warning("cannot serve the published version %s: %s", version["name"], exc)
+            return
+        log.info("serving the published version %s", version["name"])

@@ -1,0 +1,156 @@
+"""The Data tab (admin): import a dataset, generate Gemini instructions, export a snapshot.
+
+Each action is also an API endpoint that takes the session token first, e.g.
+
+    Client(url).predict(token, "rafdb", "/data/RAF-DB", "rafdb", api_name="/import_dataset")
+"""
+from __future__ import annotations
+
+import html
+import os
+
+import gradio as gr
+import pandas as pd
+
+from annotation.importers import FORMATS, import_dataset
+from core.errors import UserError
+from webapp.auth import require
+from webapp.components.common import handle_errors, server_choices
+from webapp.components.compare import NO_KEY_MESSAGE, gemini_configured
+
+GEMINI_GROUP = "gemini-job"
+
+
+def _counts_frame(counts: dict | None, key: str) -> pd.DataFrame:
+    rows = sorted((counts or {}).items(), key=lambda kv: -kv[1])
+    return pd.DataFrame(rows, columns=[key, "samples"])
+
+
+@handle_errors
+def import_data(token: str | None, fmt: str, path: str, name: str,
+                progress: gr.Progress = gr.Progress(track_tqdm=True)):  # mirrors its tqdm bar
+    """/import_dataset: read a dataset folder on the server into the store (admin only)."""
+    require(token, "admin")
+    if not (path or "").strip():
+        raise UserError("Enter the dataset's folder (or CSV file) path on the server.")
+    summary = import_dataset(fmt, path.strip(), (name or "").strip() or None,
+                             progress=True)  # its tqdm bar drives gr.Progress
+    broken = pd.DataFrame(summary.broken, columns=["row or file", "reason"])
+    lines = [f"**{html.escape(summary.dataset)}** ({summary.format}, {summary.modality}): "
+             f"{summary.added} added, {summary.skipped} already there, "
+             f"{len(summary.broken)} broken."]
+    lines += [f"Left out: {count} × {html.escape(reason)}"
+              for reason, count in sorted(summary.excluded.items())]
+    lines += [f"Note: {html.escape(note)}" for note in summary.notes]
+    return ("\n\n".join(lines), _counts_frame(summary.by_label, "label"),
+            _counts_frame(summary.by_split, "split"), broken)
+
+
+@handle_errors
+def generate(token: str | None, dataset: str | None, limit: float | None, model: str,
+             progress: gr.Progress = gr.Progress()):
+    """/generate_instructions: a resumable Gemini job over a dataset, with live progress."""
+    require(token, "admin")
+    if not dataset:
+        raise UserError("Choose a dataset.")
+    from annotation.gemini import run_generation
+
+    def report(done: int, total: int, summary: dict) -> None:
+        progress((done, total), unit="samples",
+                 desc=f"Gemini: {summary['ok']} ok, {summary['rejected']} rejected, "
+                      f"{summary['failed']} failed")
+
+    summary = run_generation(dataset, limit=int(limit) if limit else None,
+                             model=(model or "").strip() or None, progress=report)
+    return summary_text(summary), summary
+
+
+def summary_text(summary: dict) -> str:
+    """The job's summary for people: counts, failures by reason, tokens and estimated cost."""
+    lines = [f"**{summary['ok']}** suggestions stored, **{summary['rejected']}** rejected, "
+             f"**{summary['failed']}** calls failed; {summary['skipped']} already done, "
+             f"{summary['unlabelled']} without a ground-truth label (skipped)."]
+    for title, key in (("Rejected", "rejected_by_reason"), ("Failed", "failed_by_reason")):
+        if summary.get(key):
+            lines.append(f"{title}: " + ", ".join(f"{html.escape(str(reason))} × {n}"
+                                                  for reason, n in summary[key].items()))
+    cost = summary.get("estimated_cost_usd")
+    lines.append(f"{summary['requests']} requests · tokens {summary['input_tokens']:,} in / "
+                 f"{summary['output_tokens']:,} out · estimated cost "
+                 + (f"**${cost:.4f}**" if cost is not None else "unknown")
+                 + f" ({html.escape(summary.get('cost_note', ''))}).")
+    return "\n\n".join(lines)
+
+
+@handle_errors
+def export(token: str | None, dataset: str | None, include_suggestions: bool) -> str:
+    """/export_snapshot: an immutable, content-hashed snapshot of the corrections (admin)."""
+    require(token, "admin")
+    if not dataset:
+        raise UserError("Choose a dataset to export.")
+    from annotation.export import export_dataset
+
+    snap = export_dataset(dataset, include_suggestions=include_suggestions)
+    splits = ", ".join(f"{split} {n}" for split, n in snap.counts.items())
+    sources = ", ".join(f"{kind} {n}" for kind, n in snap.sources.items() if n)
+    reused = " The data had not changed: this is the existing snapshot." if snap.reused else ""
+    return (f"Snapshot **#{snap.id}** of {html.escape(snap.dataset)}: {snap.n_samples} samples "
+            f"({splits}; from {sources}), hash `{snap.content_hash[:12]}`, folder "
+            f"`{html.escape(str(snap.path))}`.{reused} Train on it in the Fine-tune tab.")
+
+
+def create_data_tab(token: gr.BrowserState) -> dict:
+    locked = gr.Markdown("🔒 Sign in as an **admin** to import datasets, run Gemini and export "
+                         "snapshots.", elem_classes=["emo-locked"])
+    with gr.Column(visible=False, elem_id="data-panel") as panel:
+        with gr.Accordion("1 · Import a dataset", open=True):
+            gr.Markdown("Reads a dataset already on the server. Re-importing adds nothing "
+                        "twice; broken files are listed, never fatal.")
+            with gr.Row(equal_height=True):
+                fmt = gr.Dropdown(FORMATS, value="folder", label="Format", scale=1)
+                path = gr.Textbox(label="Path on the server", scale=3,
+                                  placeholder="/data/RAF-DB/basic")
+                name = gr.Textbox(label="Dataset name", scale=1,
+                                  placeholder="default: the folder name")
+                run_import = gr.Button("Import", variant="primary", scale=0, min_width=110)
+            import_text = gr.Markdown()
+            with gr.Row(equal_height=False):
+                by_label = gr.Dataframe(headers=["label", "samples"], label="By label",
+                                        interactive=False)
+                by_split = gr.Dataframe(headers=["split", "samples"], label="By split",
+                                        interactive=False)
+                broken = gr.Dataframe(headers=["row or file", "reason"], wrap=True,
+                                      label="Broken rows / files", interactive=False)
+        with gr.Accordion("2 · Gemini instruction data", open=True):
+            gr.Markdown("The paper's pipeline: label + image → category instruction and an "
+                        "explanation citing facial evidence. Resumable: a rerun pays for "
+                        "nothing twice.")
+            if not gemini_configured():
+                gr.Markdown(f"⚠️ {NO_KEY_MESSAGE}", elem_classes=["emo-notice"])
+            with gr.Row(equal_height=True):
+                gen_dataset = server_choices("Dataset")
+                limit = gr.Number(label="Limit (0 = all)", value=0, precision=0, minimum=0)
+                model = gr.Textbox(label="Gemini model", placeholder=os.environ.get(
+                    "GEMINI_MODEL", "gemini-2.5-flash"))
+                run_gen = gr.Button("Generate", variant="primary", scale=0, min_width=110)
+            gen_text = gr.Markdown()
+            gen_json = gr.JSON(label="Job summary", visible=False)
+        with gr.Accordion("3 · Export a snapshot", open=True):
+            with gr.Row(equal_height=True):
+                exp_dataset = server_choices("Dataset")
+                with_suggestions = gr.Checkbox(label="Fall back to the suggestion where a "
+                                               "record has no accepted correction")
+                run_export = gr.Button("Export", variant="primary", scale=0, min_width=110,
+                                       elem_id="data-export")
+            export_text = gr.Markdown(elem_id="data-export-result")
+
+    run_import.click(import_data, inputs=[token, fmt, path, name],
+                     outputs=[import_text, by_label, by_split, broken], api_name="import_dataset")
+    run_gen.click(generate, inputs=[token, gen_dataset, limit, model],
+                  outputs=[gen_text, gen_json], api_name="generate_instructions",
+                  concurrency_id=GEMINI_GROUP, concurrency_limit=1)
+    run_export.click(export, inputs=[token, exp_dataset, with_suggestions], outputs=export_text,
+                     api_name="export_snapshot")
+    return {"panel": panel,
+            "gates": [(locked, "admin", "locked"), (panel, "admin", "content"),
+                      (gen_dataset, "admin", "datasets"), (exp_dataset, "admin", "datasets")]}

@@ -1,0 +1,373 @@
+"""The Fine-tune tab (admin): start a job from a snapshot, follow it, evaluate, publish, roll back.
+
+A job runs as a subprocess that appends JSONL events to its log (annotation/finetune.py); this
+tab follows that log with a gr.Timer, so closing or reloading the page loses nothing: the job's
+state lives in the database and the log, and the page picks the latest job up again. A job that
+passes its evaluation gate publishes itself; the buttons here publish or roll back by hand.
+"""
+from __future__ import annotations
+
+import html
+import importlib.util
+import threading
+
+import gradio as gr
+import pandas as pd
+
+from core.errors import UserError
+from webapp.auth import require
+from webapp.components.common import engine, handle_errors, server_choices
+from webapp.components.render import mode_banner
+
+POLL_SECONDS = 2.0
+LOG_LINES = 40
+EVALUATE_GROUP = "evaluate"
+UNAVAILABLE = ("Fine-tuning is not available in this installation: the module "
+               "annotation/finetune.py is missing.")
+SERVING_DEFAULT = ("(the serving version)", "")
+TERMINAL = ("succeeded", "failed", "cancelled")
+
+
+def available() -> bool:
+    return importlib.util.find_spec("annotation.finetune") is not None
+
+
+def _finetune():
+    if not available():
+        raise UserError(UNAVAILABLE)
+    import annotation.finetune as finetune
+
+    return finetune
+
+
+# Events read so far per job: each poll asks the log only for the lines that are new.
+_events: dict[int, list[dict]] = {}
+_events_lock = threading.Lock()
+
+
+def job_events(job_id: int) -> list[dict]:
+    with _events_lock:
+        seen = _events.setdefault(job_id, [])
+        seen.extend(_finetune().read_events(job_id, since=len(seen)))
+        return list(seen)
+
+
+# ------------------------------------------------------------------------- choices and tables
+
+def snapshot_choices() -> list[tuple[str, int]]:
+    from sqlalchemy import select
+
+    from db.models import Dataset, ExportSnapshot
+    from db.session import session_scope
+
+    with session_scope() as session:
+        rows = session.execute(select(ExportSnapshot, Dataset.name)
+                               .join(Dataset, Dataset.id == ExportSnapshot.dataset_id)
+                               .order_by(ExportSnapshot.id.desc())).all()
+        return [(f"#{snap.id} · {name} · {snap.n_samples} samples · "
+                 f"{snap.created_at:%Y-%m-%d %H:%M}", snap.id) for snap, name in rows]
+
+
+def versions() -> list[dict]:
+    if not available():
+        return []
+    from annotation.versions import list_versions
+
+    return list_versions()
+
+
+def _uar_text(metrics: dict | None) -> str:
+    """'0.512 (faces/test)' for each dataset/split the version was evaluated on."""
+    return "; ".join(f"{m['uar']:.3f} ({key})" for key, m in (metrics or {}).items()
+                     if isinstance(m, dict) and isinstance(m.get("uar"), (int, float)))
+
+
+VERSION_COLUMNS = ["name", "parent", "UAR (dataset/split)", "published", "serving", "created"]
+
+
+def versions_frame(rows: list[dict]) -> pd.DataFrame:
+    return pd.DataFrame([[v["name"], v.get("parent") or "", _uar_text(v.get("metrics")),
+                          "yes" if v.get("published") else "",
+                          "● serving" if v.get("is_serving") else "",
+                          (v.get("created_at") or "")[:16].replace("T", " ")] for v in rows],
+                        columns=VERSION_COLUMNS)
+
+
+def serving_text(rows: list[dict]) -> str:
+    if not available():
+        return UNAVAILABLE
+    serving = next((v for v in rows if v.get("is_serving")), None)
+    if serving is None:
+        return ("No fine-tuned version is serving yet: the engine runs the model it started with "
+                "(EMO_LLAMA_MODEL / --model).")
+    uar = _uar_text(serving.get("metrics"))
+    return f"Serving **{html.escape(serving['name'])}**" + (f", UAR {uar}." if uar else ".")
+
+
+def progress_html(status: dict, events: list[dict]) -> str:
+    """A progress bar and status lines, built from numbers and escaped text only."""
+    step, total = int(status.get("step") or 0), int(status.get("total_steps") or 0)
+    state = str(status.get("status") or "unknown")
+    parts = [f"<b>{html.escape(state)}</b>", f"step {step}/{total or '?'}"]
+    if isinstance(status.get("loss"), (int, float)):
+        parts.append(f"loss {status['loss']:.4f}")
+    if isinstance(status.get("eta_s"), (int, float)) and state == "running":
+        parts.append(f"ETA {int(status['eta_s'])} s")
+    lines = [" · ".join(parts)]
+    evaluation = next((e for e in reversed(events) if e.get("event") == "eval"), None)
+    if evaluation:
+        lines.append(f"Evaluation of {html.escape(str(evaluation.get('version')))}: UAR "
+                     f"{evaluation['uar']:.3f} (parent {evaluation['parent_uar']:.3f}), WAR "
+                     f"{evaluation['war']:.3f}")
+    done = next((e for e in reversed(events) if e.get("event") == "done"), None)
+    if done:
+        verdict = "published and serving" if done.get("published") else "not published"
+        lines.append(f"Version {html.escape(str(done.get('version')))}: {verdict} — "
+                     f"{html.escape(str(done.get('gate') or ''))}")
+    if status.get("error"):
+        lines.append(f"<span class='emo-conflict'>{html.escape(str(status['error']))}</span>")
+    bar = (f"<progress class='emo-progress' max='{max(total, 1)}' value='{step}' "
+           f"data-step='{step}' data-total='{total}' data-status='{html.escape(state)}'>"
+           "</progress>")
+    return (f"<div id='finetune-progress-box'>{bar}"
+            + "".join(f"<div>{line}</div>" for line in lines) + "</div>")
+
+
+def loss_frame(events: list[dict]) -> pd.DataFrame:
+    steps = [e for e in events if e.get("event") == "step" and e.get("loss") is not None]
+    return pd.DataFrame({"step": [int(e["step"]) for e in steps],
+                         "loss": [float(e["loss"]) for e in steps]})
+
+
+def log_text(events: list[dict]) -> str:
+    lines = []
+    for e in events[-LOG_LINES:]:
+        fields = " ".join(f"{k}={v}" for k, v in e.items() if k not in ("event", "time", "options"))
+        lines.append(f"{e.get('event', '?'):>10}  {fields}")
+    return "\n".join(lines)
+
+
+def _confusion(path: str | None):
+    """The confusion-matrix PNG as pixels (the app serves no files from the reports folder)."""
+    if not path:
+        return None
+    from PIL import Image
+
+    with Image.open(path) as image:
+        return image.copy()
+
+
+# ------------------------------------------------------------------------- handlers
+
+@handle_errors
+def start(token: str | None, snapshot: int | None, from_version: str | None, epochs: float,
+          lr: float, replay_ratio: float):
+    """/start_finetune: launch a job from an export snapshot; the job list, on it (admin)."""
+    require(token, "admin")
+    if snapshot in (None, ""):
+        raise UserError("Choose an export snapshot to train on (the Data tab makes one).")
+    options = {"epochs": int(epochs), "lr": float(lr), "replay_ratio": float(replay_ratio)}
+    job_id = _finetune().start_job(int(snapshot), from_version or None, options)
+    gr.Info(f"Fine-tune job {job_id} started.")
+    return gr.update(choices=job_choices(), value=job_id)
+
+
+def job_choices() -> list[tuple[str, int]]:
+    if not available():
+        return []
+    return [(f"job {job['id']} · {job['status']} · {job['created_at'][:16].replace('T', ' ')}",
+             int(job["id"])) for job in _finetune().list_jobs()]
+
+
+@handle_errors
+def poll(token: str | None, job_id: int | None, last_status: str | None):
+    """One tick of the monitor: progress, loss curve, log tail, the job's confusion matrix.
+
+    When the job has just finished (a status this page had not seen yet), the job list, the
+    versions and the model banner are refreshed too: the job may have published a version.
+    """
+    require(token, "admin")
+    unchanged = (gr.skip(),) * 6
+    if job_id in (None, ""):
+        return ("<div id='finetune-progress-box'>No job yet: start one on the left.</div>",
+                loss_frame([]), "", gr.skip(), None, *unchanged)
+    status = _finetune().job_status(int(job_id))
+    events = job_events(int(job_id))
+    evaluation = next((e for e in reversed(events) if e.get("event") == "eval"), None)
+    shown = (progress_html(status, events), loss_frame(events), log_text(events),
+             _confusion(evaluation.get("confusion_png")) if evaluation else gr.skip(),
+             status["status"])
+    if status["status"] == last_status or status["status"] not in TERMINAL:
+        return (*shown, *unchanged)
+    jobs, rows = job_choices(), versions()
+    names = [v["name"] for v in rows]
+    return (*shown, gr.update(choices=jobs),
+            gr.update(choices=[SERVING_DEFAULT] + [(n, n) for n in names]),
+            gr.update(choices=names, **({"value": status["version"]} if status.get("version")
+                                        else {})),
+            versions_frame(rows), serving_text(rows), mode_banner(engine().info))
+
+
+@handle_errors
+def cancel(token: str | None, job_id: int | None) -> None:
+    """/cancel_finetune: a clean stop; the trainer keeps a partial checkpoint (admin)."""
+    require(token, "admin")
+    if job_id in (None, ""):
+        raise UserError("Choose a job to cancel.")
+    _finetune().cancel_job(int(job_id))
+    gr.Info(f"Asked job {job_id} to stop; it saves a partial checkpoint first.")
+
+
+@handle_errors
+def refresh(token: str | None):
+    """Jobs (the latest selected), snapshots, versions and what is serving."""
+    require(token, "admin")
+    jobs, rows = job_choices(), versions()
+    names = [v["name"] for v in rows]
+    return (gr.update(choices=jobs, value=jobs[0][1] if jobs else None),
+            gr.update(choices=snapshot_choices()),
+            gr.update(choices=[SERVING_DEFAULT] + [(n, n) for n in names]),
+            gr.update(choices=names, value=names[-1] if names else None),
+            versions_frame(rows), serving_text(rows))
+
+
+def refresh_quietly(token: str | None):
+    """`refresh` for whoever may see the tab; nothing at all for anybody else."""
+    try:
+        require(token, "admin")
+    except UserError:
+        return tuple(gr.skip() for _ in range(6))
+    return refresh(token)
+
+
+@handle_errors
+def evaluate(token: str | None, version: str | None, dataset: str | None, split: str):
+    """/evaluate_version: UAR, WAR, per-class recall and the confusion matrix (admin)."""
+    require(token, "admin")
+    if not version or not dataset:
+        raise UserError("Choose a version and a dataset to evaluate on.")
+    from annotation.evaluate import evaluate_version
+
+    report = evaluate_version(version, dataset, split=split)
+    recall = pd.DataFrame([[label, "" if value is None else f"{value:.3f}"]
+                           for label, value in report["per_class_recall"].items()],
+                          columns=["class", "recall"])
+    summary = (f"**{html.escape(version)}** on {html.escape(dataset)}/{split}: UAR "
+               f"**{report['uar']:.3f}** · WAR **{report['war']:.3f}** · {report['n']} samples")
+    if isinstance(report.get("rouge_l"), (int, float)):
+        summary += f" · ROUGE-L {report['rouge_l']:.3f} on {report['rouge_l_n']} explanations"
+    if report.get("skipped"):
+        summary += f" · {len(report['skipped'])} skipped (unreadable or off-label)"
+    rows = versions()
+    return summary, recall, _confusion(report.get("confusion_png")), versions_frame(rows)
+
+
+@handle_errors
+def publish(token: str | None, version: str | None):
+    """/publish_version: serve a version if its evaluation gate passes (admin)."""
+    require(token, "admin")
+    if not version:
+        raise UserError("Choose a version to publish.")
+    from annotation.versions import publish as publish_version
+
+    publish_version(version)
+    gr.Info(f"{version} is published and serving.")
+    rows = versions()
+    return versions_frame(rows), serving_text(rows), mode_banner(engine().info)
+
+
+@handle_errors
+def rollback(token: str | None, version: str | None):
+    """/rollback_version: serve an earlier published version again (admin)."""
+    require(token, "admin")
+    if not version:
+        raise UserError("Choose the version to roll back to.")
+    from annotation.versions import rollback as rollback_to
+
+    rollback_to(version)
+    gr.Info(f"Rolled back: {version} is serving.")
+    rows = versions()
+    return versions_frame(rows), serving_text(rows), mode_banner(engine().info)
+
+
+# ------------------------------------------------------------------------- layout
+
+def create_finetune_tab(token: gr.BrowserState, banner: gr.HTML) -> dict:
+    """The tab; `banner` is the page's model banner, which changes when a version is served."""
+    locked = gr.Markdown("🔒 Sign in as an **admin** to fine-tune, evaluate and publish model "
+                         "versions.", elem_classes=["emo-locked"])
+    with gr.Column(visible=False, elem_id="finetune-panel") as panel:
+        if not available():
+            gr.Markdown(f"⚠️ {UNAVAILABLE}", elem_classes=["emo-notice"])
+        serving = gr.Markdown(elem_id="finetune-serving")
+        with gr.Row(equal_height=False):
+            with gr.Column(scale=4):
+                gr.Markdown("### New job")
+                snapshot = server_choices("Export snapshot", elem_id="finetune-snapshot",
+                                          info="Make one on the Data tab (3 · Export).")
+                from_version = server_choices("Start from", value="", choices=[SERVING_DEFAULT],
+                                              info="Incremental: a version's adapter is the "
+                                                   "starting point.")
+                with gr.Row():
+                    epochs = gr.Number(label="Epochs", value=2, minimum=1, maximum=50,
+                                       precision=0)
+                    lr = gr.Number(label="Learning rate", value=2e-4, minimum=0)
+                replay = gr.Slider(label="Replay ratio", minimum=0, maximum=1, value=0.2,
+                                   step=0.05, info="Earlier samples mixed in per new sample, "
+                                                   "against forgetting.")
+                start_btn = gr.Button("Start fine-tune", variant="primary",
+                                      elem_id="finetune-start")
+            with gr.Column(scale=8):
+                gr.Markdown("### Job")
+                with gr.Row(equal_height=True):
+                    job = server_choices("Job", elem_id="finetune-job")
+                    refresh_btn = gr.Button("Refresh", scale=0, min_width=100)
+                    cancel_btn = gr.Button("Cancel job", variant="stop", scale=0,
+                                           min_width=120)
+                progress = gr.HTML(elem_id="finetune-progress")
+                curve = gr.LinePlot(x="step", y="loss", label="Training loss",
+                                    elem_id="finetune-curve")
+                logs = gr.Textbox(label="Log (latest events)", lines=8, max_lines=8,
+                                  interactive=False, autoscroll=True)
+        with gr.Accordion("Evaluate, publish, roll back", open=True):
+            with gr.Row(equal_height=True):
+                version = server_choices("Version", elem_id="finetune-version")
+                eval_dataset = server_choices("Dataset")
+                split = gr.Radio(["test", "val", "train"], value="test", label="Split")
+            with gr.Row():
+                eval_btn = gr.Button("Evaluate")
+                publish_btn = gr.Button("Publish (if the gate passes)", variant="primary")
+                rollback_btn = gr.Button("Roll back to this version")
+            eval_summary = gr.Markdown()
+            with gr.Row(equal_height=False):
+                recall = gr.Dataframe(headers=["class", "recall"], label="Per-class recall",
+                                      interactive=False)
+                confusion = gr.Image(label="Confusion matrix", type="pil", interactive=False,
+                                     height=340, elem_id="finetune-confusion")
+            versions_table = gr.Dataframe(headers=VERSION_COLUMNS, label="Model versions",
+                                          interactive=False, elem_id="finetune-versions")
+    timer = gr.Timer(POLL_SECONDS, active=False)
+    seen_status = gr.State(None)  # the job status this page last showed
+
+    private = {"api_visibility": "private"}
+    start_btn.click(start, inputs=[token, snapshot, from_version, epochs, lr, replay],
+                    outputs=job, api_name="start_finetune")
+    monitor = dict(fn=poll, inputs=[token, job, seen_status],
+                   outputs=[progress, curve, logs, confusion, seen_status, job, from_version,
+                            version, versions_table, serving, banner])
+    timer.tick(**monitor, show_progress="hidden", **private)
+    job.change(**monitor, **private)
+    cancel_btn.click(cancel, inputs=[token, job], api_name="cancel_finetune")
+    refresh_outputs = [job, snapshot, from_version, version, versions_table, serving]
+    refresh_btn.click(refresh, inputs=token, outputs=refresh_outputs, **private)
+    eval_btn.click(evaluate, inputs=[token, version, eval_dataset, split],
+                   outputs=[eval_summary, recall, confusion, versions_table],
+                   api_name="evaluate_version", concurrency_id=EVALUATE_GROUP,
+                   concurrency_limit=1)
+    publish_btn.click(publish, inputs=[token, version],
+                      outputs=[versions_table, serving, banner], api_name="publish_version")
+    rollback_btn.click(rollback, inputs=[token, version],
+                       outputs=[versions_table, serving, banner], api_name="rollback_version")
+    return {"on_access": (refresh_quietly, refresh_outputs),
+            "gates": [(locked, "admin", "locked"), (panel, "admin", "content"),
+                      (timer, "admin", "timer"), (eval_dataset, "admin", "datasets")]}

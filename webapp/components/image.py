@@ -1,0 +1,109 @@
+"""The Image tab: upload, paste or webcam -> faces drawn, label, chart, streamed explanation.
+
+API (gradio_client):
+
+    from gradio_client import Client, handle_file
+    prediction, *_ = Client("http://127.0.0.1:7860").predict(handle_file("face.jpg"),
+                                                              api_name="/predict_image")
+    prediction["label"], prediction["scores"], prediction["explanation"]
+
+The first output is the prediction JSON of DESIGN.md §3; the rest feed the page.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import gradio as gr
+from PIL import Image, UnidentifiedImageError
+
+from webapp.components.common import MODEL_GROUP, handle_errors, require_file, stream_outputs
+from webapp.components.render import draw_faces, prediction_panels, result_values
+
+
+def media_image(**kwargs) -> gr.Image:
+    """A gr.Image (type="filepath") that passes an unreadable upload on as its path.
+
+    Stock gr.Image opens every upload with PIL before the handler runs, so a corrupt file would
+    end as an anonymous "Error". Handing the path on lets the engine's MediaError say what is
+    wrong with the file. (Wrapping the instance's method rather than subclassing: Gradio writes
+    a .pyi stub next to the source of every Component subclass.)
+    """
+    image = gr.Image(type="filepath", **kwargs)
+    stock = image.preprocess
+
+    def preprocess(payload):
+        try:
+            return stock(payload)
+        except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError):
+            return str(payload.path) if payload is not None and payload.path else None
+
+    image.preprocess = preprocess
+    return image
+
+
+def ensure_examples(folder: Path) -> list[str]:
+    """Example photos from scikit-image's bundled data, written once (nothing is downloaded)."""
+    import skimage.data
+
+    folder.mkdir(parents=True, exist_ok=True)
+    astronaut = skimage.data.astronaut()
+    pictures = {
+        "astronaut.png": astronaut,                             # a smiling face
+        "astronaut_portrait.jpg": astronaut[20:300, 120:380],   # the same face, closer
+        "cameraman.png": skimage.data.camera(),                 # a profile, hard for detectors
+        "coffee_no_face.jpg": skimage.data.coffee(),            # no face at all
+    }
+    paths = []
+    for name, pixels in pictures.items():
+        path = folder / name
+        if not path.exists():
+            Image.fromarray(pixels).save(path)
+        paths.append(str(path))
+    return paths
+
+
+@handle_errors
+def predict_image(image: str | None):
+    """Run the engine on one image, streaming the explanation as it is generated."""
+    from core.media import load_image  # the same decoding (and EXIF turn) as the engine's
+
+    path = require_file(image, "an image (upload, paste or webcam)")
+    rgb = []  # decoded once, on the first result
+
+    def render(result: dict) -> tuple:
+        if not rgb:
+            rgb.append(load_image(path))
+        return result, draw_faces(rgb[0], result.get("faces") or []), *result_values(result)
+
+    yield from stream_outputs(path, render, n_outputs=7)
+
+
+def create_image_tab(examples_dir: Path, concurrency: int) -> None:
+    """Build the tab inside the current gr.Blocks (examples are written to `examples_dir`)."""
+    with gr.Row(equal_height=False):
+        with gr.Column(scale=5):
+            image = media_image(sources=["upload", "clipboard", "webcam"],
+                               label="Photo", height=380, elem_id="image-input")
+            with gr.Row():
+                clear = gr.ClearButton(value="Clear")
+                run = gr.Button("Recognise expression", variant="primary", elem_id="image-run")
+            examples_holder = gr.Column()
+        with gr.Column(scale=7):
+            summary = gr.HTML(elem_id="image-summary")
+            drawn = gr.Image(label="Faces and landmarks", type="pil", interactive=False,
+                             height=380, elem_id="image-drawn")
+            explanation = gr.Textbox(label="Explanation", lines=4, interactive=False,
+                                     placeholder="The model's explanation appears here as it is "
+                                                 "written.", elem_id="image-explanation")
+    label, chart, faces, timings, prediction = prediction_panels(
+        "image", "Faces: the prior network's view (AGR when an attribute network is configured)")
+
+    outputs = [prediction, drawn, summary, label, chart, faces, timings, explanation]
+    run.click(predict_image, inputs=image, outputs=outputs, api_name="predict_image",
+              concurrency_id=MODEL_GROUP, concurrency_limit=concurrency)
+    clear.add([image, *outputs])
+    with examples_holder:
+        gr.Examples(examples=[[p] for p in ensure_examples(examples_dir)], inputs=image,
+                    outputs=outputs, fn=predict_image, cache_examples=True, cache_mode="lazy",
+                    label="Examples (scikit-image photos; the last has no face)",
+                    api_visibility="private")
