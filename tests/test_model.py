@@ -74,6 +74,9 @@ def test_save_load_round_trip_gives_identical_logits(model, face_input, tmp_path
     assert before == pytest.approx(after, abs=1e-6)
     assert (folder / "adapter" / "adapter_config.json").exists()
     assert EmoLlamaConfig.load(folder).is_tiny
+    # The frozen base inside the checkpoint is hard-linked into the new one, not copied.
+    base_weights = next((model.source_dir / "llm").glob("*.safetensors"))
+    assert (folder / "llm" / base_weights.name).samefile(base_weights)
 
 
 def test_score_labels_is_a_distribution_that_matches_direct_likelihoods(model, face_input):

@@ -438,3 +438,29 @@ def test_expired_and_foreign_tokens_are_refused(token_store, monkeypatch):
     with pytest.raises(auth.AuthError, match="not valid"):
         auth.identify(token)
     assert auth.identify(None) is None and auth.identify("") is None
+
+
+def test_example_answers_are_cached_per_serving_model_version(tmp_path, tiny_checkpoint):  # noqa: F811
+    from core.engine import Engine, set_shared_engine
+    from webapp.components import image
+
+    photo = str(write_image(tmp_path / "astronaut.png", face_photo()))
+    prior_only, tiny = Engine(None), Engine(tiny_checkpoint)
+    image._example_answers.clear()
+    try:
+        set_shared_engine(prior_only)
+        first = list(image.predict_example(photo))
+        assert first[-1][0]["mode"] == "prior-only"
+        again = list(image.predict_example(photo))
+        assert len(again) == 1 and again[0] is first[-1]           # from the cache, no new run
+        served = prior_only.health()["served"]
+        set_shared_engine(tiny)                                    # a publish hot-swapped it
+        swapped = list(image.predict_example(photo))
+        assert swapped[-1][0]["model_version"] == tiny.info["model_version"] != \
+            first[-1][0]["model_version"]
+        assert tiny.health()["served"] == 1 and prior_only.health()["served"] == served
+    finally:
+        set_shared_engine(None)
+        prior_only.close()
+        tiny.close()
+        image._example_answers.clear()

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import threading
 import time
 from pathlib import Path
@@ -100,10 +99,6 @@ def launch(host: str = "127.0.0.1", port: int = 7860, share: bool = False,
     init_db()
     _ensure_admin()
     _restore_training_state(serve_published)
-    # Cached example outputs live under the data dir (not the working tree), one folder per
-    # model version, so a restart on another model never shows the old model's answers.
-    version = re.sub(r"[^\w.-]+", "_", engine().info["model_version"])
-    os.environ.setdefault("GRADIO_EXAMPLES_CACHE", str(data_dir() / "cache" / "examples" / version))
     if backups:
         start_backups(Path(backups), float(os.environ.get("EMO_BACKUP_MINUTES", "30")))
     demo = build_app()

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import os
 import shutil
 import threading
 import warnings
@@ -59,6 +60,14 @@ class EmoInput:
     face_pixels: torch.Tensor | None       # (N, 3, H, W) aligned faces, one per frame with a face
     face_landmarks: torch.Tensor | None    # (N, 5, 2) in aligned-crop pixels
     prior_embeddings: torch.Tensor | None  # (N, prior_dim)
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    """Hard-link a frozen base file into a new checkpoint; copy it across file systems."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
 
 
 class EmoLlama(nn.Module):
@@ -362,7 +371,8 @@ class EmoLlama(nn.Module):
             self.config.version = version
         for part in (self.config.llm, self.config.vision):
             if self.source_dir and (self.source_dir / part).is_dir() and not (folder / part).exists():
-                shutil.copytree(self.source_dir / part, folder / part)
+                # Hard links: a version of a 7B base kept inside its checkpoint costs no disk.
+                shutil.copytree(self.source_dir / part, folder / part, copy_function=_link_or_copy)
         self.config.save(folder)
         state = {k: v.detach().cpu().contiguous() for k, v in self.trainable_modules().state_dict().items()}
         save_file(state, folder / MODULES_FILE)

@@ -11,12 +11,14 @@ The first output is the prediction JSON of DESIGN.md §3; the rest feed the page
 """
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import gradio as gr
 from PIL import Image, UnidentifiedImageError
 
-from webapp.components.common import MODEL_GROUP, handle_errors, require_file, stream_outputs
+from webapp.components.common import (MODEL_GROUP, engine, handle_errors, require_file,
+                                      stream_outputs)
 from webapp.components.render import draw_faces, prediction_panels, result_values
 
 
@@ -78,6 +80,30 @@ def predict_image(image: str | None):
     yield from stream_outputs(path, render, n_outputs=7)
 
 
+# Example answers, kept per (serving model version, example file): after a publish or rollback
+# hot-swaps the model, an example runs again instead of showing the old version's answer (which
+# Gradio's own example cache, one per launch, would). Four examples per version: a small dict.
+_example_answers: dict[tuple[str, str], tuple] = {}
+_example_lock = threading.Lock()
+
+
+@handle_errors
+def predict_example(image: str):
+    """An example click: the cached answer of the serving version, or a live (streamed) run."""
+    key = (engine().info["model_version"], Path(image).name)
+    with _example_lock:
+        cached = _example_answers.get(key)
+    if cached is not None:
+        yield cached
+        return
+    final = None
+    for final in predict_image(image):
+        yield final
+    if final is not None:
+        with _example_lock:
+            _example_answers[(final[0]["model_version"], Path(image).name)] = final
+
+
 def create_image_tab(examples_dir: Path, concurrency: int) -> None:
     """Build the tab inside the current gr.Blocks (examples are written to `examples_dir`)."""
     with gr.Row(equal_height=False):
@@ -103,7 +129,10 @@ def create_image_tab(examples_dir: Path, concurrency: int) -> None:
               concurrency_id=MODEL_GROUP, concurrency_limit=concurrency)
     clear.add([image, *outputs])
     with examples_holder:
-        gr.Examples(examples=[[p] for p in ensure_examples(examples_dir)], inputs=image,
-                    outputs=outputs, fn=predict_image, cache_examples=True, cache_mode="lazy",
-                    label="Examples (scikit-image photos; the last has no face)",
-                    api_visibility="private")
+        examples = gr.Examples(examples=[[p] for p in ensure_examples(examples_dir)],
+                               inputs=image, label="Examples (scikit-image photos; the last "
+                               "has no face)", api_visibility="private")
+    # Clicking an example fills the input, then answers in the model's concurrency group.
+    examples.load_input_event.then(predict_example, inputs=image, outputs=outputs,
+                                   api_visibility="private", concurrency_id=MODEL_GROUP,
+                                   concurrency_limit=concurrency)
