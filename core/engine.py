@@ -67,6 +67,8 @@ class EngineConfig:
     max_new_tokens: int | None = None
     limits: MediaLimits = field(default_factory=lambda: DEFAULT_LIMITS)
     device: str = "auto"
+    # "8bit" / "4bit": the frozen LLM through bitsandbytes (optional; for a smaller GPU).
+    quantization: str | None = field(default_factory=lambda: os.environ.get("EMO_QUANTIZATION") or None)
 
 
 @dataclass
@@ -118,7 +120,8 @@ class Engine:
     def _load(self, name_or_path: str):
         from core.model.modeling import EmoLlama
 
-        model = EmoLlama.from_pretrained(name_or_path, device=self.device, dtype=self.dtype)
+        model = EmoLlama.from_pretrained(name_or_path, device=self.device, dtype=self.dtype,
+                                         quantization=self.config.quantization)
         return model.eval()
 
     def load_version(self, folder_or_id: str, name: str | None = None) -> None:
@@ -191,7 +194,8 @@ class Engine:
                 "max_queue": self.config.max_queue, "batch_sizes": dict(sorted(batch_sizes.items())),
                 "latency_ms_p50": pct(0.5), "latency_ms_p95": pct(0.95),
                 **{k: stats.get(k, 0) for k in ("served", "failed", "cancelled", "rejected_busy")},
-                "device": str(self.device), "uptime_s": round(time.time() - self._started, 1)}
+                "device": str(self.device), "quantization": self.config.quantization,
+                "uptime_s": round(time.time() - self._started, 1)}
 
     def close(self) -> None:
         """Stop the model thread; requests still waiting fail with a clear error."""

@@ -62,6 +62,19 @@ def test_tiny_model_answers_are_labelled_as_a_test_fixture(engine, files):
     assert set(result["timings_ms"]) >= {"decode", "faces", "model"}
 
 
+def test_quantized_engine_from_the_environment(tiny_checkpoint, files, monkeypatch):  # noqa: F811
+    pytest.importorskip("bitsandbytes")
+    monkeypatch.setenv("EMO_QUANTIZATION", "8bit")   # what `serve --quantize 8bit` sets
+    engine = Engine(str(tiny_checkpoint), EngineConfig(num_frames=4, max_new_tokens=4))
+    try:
+        assert engine.health()["quantization"] == "8bit"
+        assert any(type(m).__name__ == "Linear8bitLt" for m in engine._model.llm.modules())
+        result = engine.predict(files["face"])
+        assert sum(result["scores"].values()) == pytest.approx(1.0, abs=1e-4) and result["label"]
+    finally:
+        engine.close()
+
+
 def test_stream_events_come_in_order(engine, files):
     events = list(engine.stream(files["face"]))
     kinds = [e["event"] for e in events]

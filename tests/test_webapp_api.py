@@ -300,6 +300,24 @@ def test_annotate_submit_history_and_conflict_through_the_api(studio):
 
 # ------------------------------------------------------------------------- in process
 
+def test_admin_rolls_back_and_the_page_says_which_version_serves(studio, tiny_checkpoint):  # noqa: F811
+    from annotation.versions import register_version
+    from db.session import dispose_engine
+
+    register_version("tiny-again", tiny_checkpoint, is_tiny=True, published=True, url=studio.db_url)
+    dispose_engine(studio.db_url)
+    client = studio.client()
+    refused = _app_error(lambda: client.predict(None, "tiny-again", api_name="/rollback_version"))
+    assert "sign in" in refused.lower() and "admin" in refused
+    token = studio.token("ada")
+    table, serving, banner = client.predict(token, "tiny-again", api_name="/rollback_version")
+    assert serving == "Serving **tiny-again**."
+    assert "tiny-again" in [row[0] for row in table["data"]]
+    assert "Tiny test fixture" in banner
+    assert "no model version named 'nothing-here'" in _app_error(
+        lambda: client.predict(token, "nothing-here", api_name="/publish_version"))
+
+
 def test_webapp_does_not_import_torch():
     code = "import sys, webapp.app; assert 'torch' not in sys.modules, 'torch imported'"
     subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True)

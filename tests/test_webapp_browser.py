@@ -105,6 +105,14 @@ def test_predict_an_image_shows_label_and_chart(page, studio):  # noqa: F811
     screenshot(page, "image")
 
 
+def test_an_example_answers_with_the_serving_version(page, studio):  # noqa: F811
+    from playwright.sync_api import expect
+
+    page.locator("#image-examples button").first.click()       # the astronaut
+    expect(page.locator("#image-summary .emo-label")).to_have_text(re.compile(r"^[a-z]+$"))
+    expect(page.locator("#image-summary")).to_contain_text("tiny-test-fixture:")
+
+
 def test_predict_a_video_shows_the_frames_strip(page, studio):  # noqa: F811
     from playwright.sync_api import expect
 

@@ -19,6 +19,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--model", metavar="DIR_OR_ID",
                    help="EMO-LLaMA checkpoint folder or hub id (default: EMO_LLAMA_MODEL, else "
                         "prior-only mode)")
+    p.add_argument("--quantize", choices=["8bit", "4bit"],
+                   help="load the frozen LLM in 8/4 bit through bitsandbytes, for a smaller GPU "
+                        "(default: EMO_QUANTIZATION)")
     p.add_argument("--share", action="store_true",
                    help="also open a temporary public gradio.live link")
     p.set_defaults(handler=serve_command)
@@ -28,6 +31,8 @@ def serve_command(args: argparse.Namespace) -> int:
     if args.model:
         # The engine reads the environment when it is first created, inside launch().
         os.environ["EMO_LLAMA_MODEL"] = args.model
+    if args.quantize:
+        os.environ["EMO_QUANTIZATION"] = args.quantize
     from webapp.app import launch
 
     # An explicit --model wins over the version the registry last published.

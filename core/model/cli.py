@@ -25,6 +25,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--question", help="ask something else than the default explanation prompt")
     p.add_argument("--frames", type=int, default=None, help="frames sampled from a video")
     p.add_argument("--no-explain", action="store_true", help="scores only, skip text generation")
+    p.add_argument("--quantize", choices=["8bit", "4bit"], default=os.environ.get("EMO_QUANTIZATION"),
+                   help="load the frozen LLM in 8/4 bit through bitsandbytes (default: $EMO_QUANTIZATION)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(handler=predict_command)
 
@@ -57,7 +59,7 @@ def build_model_command(args: argparse.Namespace) -> int:
 def predict_command(args: argparse.Namespace) -> int:
     from core.engine import Engine, EngineConfig
 
-    config = EngineConfig(batch_window_ms=0)
+    config = EngineConfig(batch_window_ms=0, quantization=args.quantize)
     if args.frames:
         config.num_frames = args.frames
     engine = Engine(args.model, config)

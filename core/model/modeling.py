@@ -62,6 +62,26 @@ class EmoInput:
     prior_embeddings: torch.Tensor | None  # (N, prior_dim)
 
 
+QUANTIZATION_MODES = ("8bit", "4bit")
+
+
+def bitsandbytes_config(mode: str, dtype: torch.dtype | None):
+    """transformers' BitsAndBytesConfig for "8bit" (LLM.int8) or "4bit" (NF4, double quant)."""
+    if mode not in QUANTIZATION_MODES:
+        raise ModelLoadError(f"unknown quantization {mode!r}; use one of {', '.join(QUANTIZATION_MODES)}")
+    try:
+        import bitsandbytes  # noqa: F401  (optional: only this path needs it)
+    except ImportError:
+        raise ModelLoadError(f"{mode} loading needs bitsandbytes: pip install bitsandbytes") from None
+    from transformers import BitsAndBytesConfig
+
+    if mode == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                              bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=dtype or torch.float32)
+
+
 def _link_or_copy(src: str, dst: str) -> None:
     """Hard-link a frozen base file into a new checkpoint; copy it across file systems."""
     try:
@@ -392,21 +412,33 @@ class EmoLlama(nn.Module):
 
     @classmethod
     def from_pretrained(cls, name_or_path: str | Path, device: str | torch.device = "cpu",
-                        dtype: torch.dtype = torch.float32, trainable: bool = False) -> "EmoLlama":
+                        dtype: torch.dtype = torch.float32, trainable: bool = False,
+                        quantization: str | None = None) -> "EmoLlama":
+        """Load a checkpoint; `quantization` "8bit" / "4bit" loads the frozen LLM through
+        bitsandbytes (when installed) to fit a smaller GPU, the rest stays in `dtype`."""
         folder = resolve_checkpoint(name_or_path)
         config = _load_config(folder, name_or_path)
         try:
-            model = cls.from_parts(config, folder, trainable=trainable, dtype=dtype)
+            model = cls.from_parts(config, folder, trainable=trainable, dtype=dtype,
+                                   quantization=quantization, device=device)
         except ModelLoadError:
             raise
         except Exception as exc:  # corrupt weights, wrong shapes, missing files: all one message
             raise ModelLoadError(f"{name_or_path}: cannot load the checkpoint "
                                  f"({type(exc).__name__}: {exc})") from None
-        return model.to(device=device, dtype=dtype).train(trainable)
+        if quantization is None:
+            return model.to(device=device, dtype=dtype).train(trainable)
+        # A bitsandbytes model refuses .to(dtype); it was placed on `device` when it loaded.
+        for child in model.children():
+            if child is not model.llm:
+                child.to(device=device, dtype=dtype)
+        return model.train(trainable)
 
     @classmethod
     def from_parts(cls, config: EmoLlamaConfig, folder: Path | None = None,
-                   trainable: bool = False, dtype: torch.dtype | None = None) -> "EmoLlama":
+                   trainable: bool = False, dtype: torch.dtype | None = None,
+                   quantization: str | None = None,
+                   device: str | torch.device = "cpu") -> "EmoLlama":
         """Base parts named by the config + (when the folder has them) trained weights."""
         from peft import PeftModel, get_peft_model
         from transformers import AutoImageProcessor, AutoModelForCausalLM, AutoTokenizer
@@ -423,7 +455,9 @@ class EmoLlama(nn.Module):
                 return str(folder / part)
             return part
 
-        llm = AutoModelForCausalLM.from_pretrained(where(config.llm), dtype=dtype)
+        quantized = ({"quantization_config": bitsandbytes_config(quantization, dtype),
+                      "device_map": {"": str(device)}} if quantization else {})
+        llm = AutoModelForCausalLM.from_pretrained(where(config.llm), dtype=dtype, **quantized)
         vision = load_vision_encoder(where(config.vision), dtype=dtype)
         tokenizer_dir = folder / "tokenizer" if folder is not None and (folder / "tokenizer").exists() else None
         tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir or where(config.llm)))

@@ -271,9 +271,7 @@ def publish(token: str | None, version: str | None):
     from annotation.versions import publish as publish_version
 
     publish_version(version)
-    gr.Info(f"{version} is published and serving.")
-    rows = versions()
-    return versions_frame(rows), serving_text(rows), mode_banner(engine().info)
+    return _serving_changed(f"{version} is published and serving.")
 
 
 @handle_errors
@@ -285,7 +283,12 @@ def rollback(token: str | None, version: str | None):
     from annotation.versions import rollback as rollback_to
 
     rollback_to(version)
-    gr.Info(f"Rolled back: {version} is serving.")
+    return _serving_changed(f"Rolled back: {version} is serving.")
+
+
+def _serving_changed(message: str) -> tuple:
+    """Tell the admin, and refresh the versions table, the serving line and the page banner."""
+    gr.Info(message)
     rows = versions()
     return versions_frame(rows), serving_text(rows), mode_banner(engine().info)
 

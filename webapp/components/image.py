@@ -130,7 +130,8 @@ def create_image_tab(examples_dir: Path, concurrency: int) -> None:
     clear.add([image, *outputs])
     with examples_holder:
         examples = gr.Examples(examples=[[p] for p in ensure_examples(examples_dir)],
-                               inputs=image, label="Examples (scikit-image photos; the last "
+                               inputs=image, elem_id="image-examples",
+                               label="Examples (scikit-image photos; the last "
                                "has no face)", api_visibility="private")
     # Clicking an example fills the input, then answers in the model's concurrency group.
     examples.load_input_event.then(predict_example, inputs=image, outputs=outputs,
