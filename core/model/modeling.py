@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import logging
 import os
 import shutil
 import threading
@@ -41,6 +42,9 @@ from core.model.vision import FrameTokens, load_vision_encoder, patch_features
 MODULES_FILE = "emo_modules.safetensors"
 ADAPTER_DIR = "adapter"
 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")  # peft vs transformers 5
+# peft imports bitsandbytes when installed; on CPUs with AVX512-BF16 its import warns that it
+# cannot fetch an optional 4-bit kernel from the hub (no network here); its own fallback works.
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 DEFAULT_CHAT_TEMPLATE = (  # Vicuna v1.1 layout, for base LLMs that ship without a template
     "{% for m in messages %}{% if m['role'] == 'user' %}USER: {{ m['content'] }} "
     "{% else %}ASSISTANT: {{ m['content'] }}</s>{% endif %}{% endfor %}"
@@ -297,18 +301,37 @@ class EmoLlama(nn.Module):
     # ------------------------------------------------------------------ inference
     @torch.no_grad()
     def score_labels(self, batch: list[EmoInput], label_set: list[str]) -> list[dict[str, float]]:
-        """P(label | media, question) for every label, from one batched log-likelihood pass.
+        """P(label | media, question) for every label: each option is scored as a complete answer
+        (its tokens + EOS), and the option log-likelihoods are normalised with a softmax.
 
-        Each option is scored as a complete answer (its tokens + EOS); the option log-likelihoods
-        are normalised with a softmax over the label set. Rows: every option of every request.
+        The prompt (media tokens + question) is the long part and the same for every option, so
+        it runs once per request; its KV cache is then repeated for the options, which run as
+        one short batch (rows: every option of every request, right-padded).
         """
         if not label_set:
             raise ValueError("score_labels() needs a non-empty label set")
         options = [self.answer_ids(label) for label in label_set]
-        prompts = self.batch_prompt_embeddings(batch)
-        logprobs, valid = self._answer_logprobs([p for p in prompts for _ in options],
-                                                [ids for _ in prompts for ids in options])
-        totals = (logprobs * valid).sum(-1).reshape(len(batch), len(label_set))
+        n, longest = len(options), max(len(ids) for ids in options)
+        embeds, prompt_mask = self._left_pad(self.batch_prompt_embeddings(batch))
+        prompt = self._run(embeds, prompt_mask, use_cache=True, logits_to_keep=1)
+        cache = prompt.cache
+        cache.batch_repeat_interleave(n)
+
+        targets = torch.zeros(n, longest, dtype=torch.long, device=self.device)
+        valid = torch.zeros(n, longest, dtype=torch.bool, device=self.device)
+        for row, ids in enumerate(options):
+            targets[row, :len(ids)] = torch.tensor(ids, device=self.device)
+            valid[row, :len(ids)] = True
+        targets, valid = targets.repeat(len(batch), 1), valid.repeat(len(batch), 1)
+        mask = torch.cat([prompt_mask.repeat_interleave(n, 0), valid.long()], dim=1)
+        # Option tokens continue the real (unpadded) positions of their prompt.
+        positions = prompt_mask.sum(-1).repeat_interleave(n)[:, None] + torch.arange(longest, device=self.device)
+        answer = self._call_llm(inputs_embeds=self.llm.get_input_embeddings()(targets), attention_mask=mask,
+                                position_ids=positions, cache=cache, use_cache=True)
+        # The prompt's last logits predict each option's first token; option token j the next one.
+        logits = torch.cat([prompt.logits[:, -1:].repeat_interleave(n, 0), answer.logits[:, :-1]], dim=1)
+        logprobs = logits.float().log_softmax(-1).gather(-1, targets[..., None]).squeeze(-1)
+        totals = (logprobs * valid).sum(-1).reshape(len(batch), n)
         scores = totals.softmax(dim=-1).cpu()
         return [dict(zip(label_set, (float(v) for v in row))) for row in scores]
 
