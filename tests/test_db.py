@@ -99,6 +99,11 @@ def test_users_argon2_roles_and_authentication(db_url, fast_passwords):
     assert users.authenticate("ana", "long-enough", url=db_url) is None
     assert users.authenticate("ana", "another-secret", url=db_url).role == "reviewer"
     assert [u["name"] for u in users.list_users(url=db_url)] == ["ana"]
+    users.set_role("ana", "admin", url=db_url)
+    with pytest.raises(UserError, match="only admin"):   # nobody could manage users after it
+        users.set_role("ana", "annotator", url=db_url)
+    users.add_user("bea", "admin", "long-enough", url=db_url)
+    assert users.set_role("ana", "annotator", url=db_url)["role"] == "annotator"
 
 
 def test_users_and_backup_commands(db_url, tmp_path, monkeypatch, capsys, fast_passwords):

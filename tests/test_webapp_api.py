@@ -318,6 +318,35 @@ def test_admin_rolls_back_and_the_page_says_which_version_serves(studio, tiny_ch
         lambda: client.predict(token, "nothing-here", api_name="/publish_version"))
 
 
+def test_users_are_managed_through_the_api_by_admins_only(studio):
+    client = studio.client()
+    for token in (None, studio.token("ann")):
+        message = _app_error(lambda: client.predict(token, "mallory", "admin", "mallory-pass",
+                                                    api_name="/add_user"))
+        assert "admin" in message
+    admin = studio.token("ada")
+    table, *_ = client.predict(admin, "newbie", "annotator", "newbie-first", api_name="/add_user")
+    assert ["newbie", "annotator"] in [row[:2] for row in table["data"]]
+    first_session = client.predict("newbie", "newbie-first", api_name="/login")
+    table = client.predict(admin, "newbie", "reviewer", api_name="/set_role")
+    assert ["newbie", "reviewer"] in [row[:2] for row in table["data"]]
+
+    # Their own password: the current one is checked, and the page gets a fresh session.
+    assert "current password is wrong" in _app_error(lambda: client.predict(
+        first_session, "not-it-at-all", "newbie-second", "newbie-second",
+        api_name="/change_password"))
+    fresh, *_ = client.predict(first_session, "newbie-first", "newbie-second", "newbie-second",
+                               api_name="/change_password")
+    assert "no longer valid" in _app_error(lambda: client.predict(
+        first_session, "newbie-second", "newbie-third", "newbie-third",
+        api_name="/change_password"))
+    # An admin reset signs them out everywhere, the fresh session included.
+    client.predict(admin, "newbie", "newbie-by-admin", api_name="/reset_password")
+    assert "no longer valid" in _app_error(lambda: client.predict(
+        fresh, "newbie-second", "newbie-third", "newbie-third", api_name="/change_password"))
+    assert client.predict("newbie", "newbie-by-admin", api_name="/login")
+
+
 def test_webapp_does_not_import_torch():
     code = "import sys, webapp.app; assert 'torch' not in sys.modules, 'torch imported'"
     subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True)

@@ -190,6 +190,20 @@ def test_admin_tabs_are_locked_until_sign_in(page):
     screenshot(page, "data")
 
 
+def test_an_admin_adds_an_annotator_in_the_users_tab(page):
+    from playwright.sync_api import expect
+
+    sign_in(page, "ada")
+    open_tab(page, "Users")
+    panel = page.locator("#users-panel")
+    expect(panel.locator("table")).to_contain_text("boss")      # the table lists the users
+    page.locator("#users-new-name input").fill("carla")
+    page.locator("#users-new-password input").fill("carla-first-pass")
+    page.locator("#users-add").click()
+    expect(panel.locator("table")).to_contain_text("carla")
+    screenshot(page, "users")
+
+
 @pytest.mark.skipif(importlib.util.find_spec("annotation.finetune") is None,
                     reason="annotation/finetune.py (the fine-tune runner) is not written yet")
 def test_tiny_finetune_runs_to_the_end(page, studio):  # noqa: F811

@@ -4,7 +4,7 @@
     python app.py serve --port 7861 --model runs/v3
 
 Tabs: Image, Video, Compare (public); Annotate (annotator+, reviewer+ for reviews); Data and
-Fine-tune (admin). Gradio 6 takes theme, CSS and JS at `launch()`; the HTTP API lives under
+Fine-tune (admin); Users (own password for everyone signed in, user management for admins). Gradio 6 takes theme, CSS and JS at `launch()`; the HTTP API lives under
 /gradio_api, and the public endpoints are /predict_image, /predict_video and /gemini_explain.
 """
 from __future__ import annotations
@@ -38,6 +38,7 @@ def build_app() -> gr.Blocks:
     from webapp.components.image import create_image_tab
     from webapp.components.login import browser_state, create_login_bar
     from webapp.components.status import create_status_panel, make_access_refresher
+    from webapp.components.users import create_users_tab
     from webapp.components.video import create_video_tab
 
     concurrency = model_concurrency()
@@ -61,21 +62,23 @@ def build_app() -> gr.Blocks:
                 data = create_data_tab(token)
             with gr.Tab("Fine-tune", id="finetune") as finetune_tab:
                 finetune = create_finetune_tab(token, banner)
+            with gr.Tab("Users", id="users") as users_tab:
+                users = create_users_tab(token)
         status = create_status_panel(token)
 
         # Who is signed in decides which panels open; every handler checks again itself.
         gates = [*login["gates"], *compare["gates"], *annotate["gates"], *data["gates"],
-                 *finetune["gates"], *status["gates"]]
+                 *finetune["gates"], *users["gates"], *status["gates"]]
         access = dict(fn=make_access_refresher(gates), inputs=token,
                       outputs=[login["status"], banner, *[g[0] for g in gates]],
                       api_visibility="private")
-        # The Fine-tune tab also lists jobs and versions, for admins, when it opens.
-        fill_finetune, finetune_outputs = finetune["on_access"]
-        fill = dict(fn=fill_finetune, inputs=token, outputs=finetune_outputs,
-                    api_visibility="private")
-        demo.load(**access).then(**fill)
-        token.change(**access).then(**fill)
-        finetune_tab.select(**fill)
+        # The Fine-tune and Users tabs fill their tables, for admins, on sign-in and when opened.
+        on_load, on_change = demo.load(**access), token.change(**access)
+        for tab, (fill_fn, fill_outputs) in ((finetune_tab, finetune["on_access"]),
+                                             (users_tab, users["on_access"])):
+            fill = dict(fn=fill_fn, inputs=token, outputs=fill_outputs, api_visibility="private")
+            on_load, on_change = on_load.then(**fill), on_change.then(**fill)
+            tab.select(**fill)
     return demo
 
 
