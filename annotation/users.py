@@ -92,6 +92,35 @@ def set_password(name: str, password: str, url: str | None = None) -> None:
         _get(session, name).password_hash = hash_password(password)
 
 
+HF_SUFFIX = "@hf"  # local names cannot contain "@", so no HF account can take a local user's
+HF_USERNAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,75}")
+
+
+def hf_account(username: str, default_role: str = "viewer", admins: tuple[str, ...] = (),
+               url: str | None = None) -> dict:
+    """The user of a Hugging Face account ("<username>@hf"), created at its first sign-in.
+
+    It has no password (it signs in through Hugging Face only) and starts as `default_role`,
+    or admin when its username is in `admins`; an admin changes roles later in the Users tab.
+    """
+    if not HF_USERNAME.fullmatch(username or ""):
+        raise UserError(f"Hugging Face user name {username!r} is not one this app accepts")
+    name = username + HF_SUFFIX
+    role = _check_role("admin" if username in admins else default_role)
+    for _ in range(2):  # two first sign-ins at once: the loser reads the winner's row
+        try:
+            with session_scope(url) as session:
+                user = session.scalars(select(User).where(User.name == name)).first()
+                if user is None:
+                    user = User(name=name, role=role, password_hash=None)
+                    session.add(user)
+                    session.flush()
+                return _view(user)
+        except IntegrityError:
+            continue
+    raise UserError(f"could not create the user {name}; please sign in again")
+
+
 def authenticate(name: str, password: str, url: str | None = None) -> User | None:
     """The user if the password matches, else None (unknown names take as long as wrong passwords)."""
     with session_scope(url) as session:

@@ -511,3 +511,57 @@ def test_example_answers_are_cached_per_serving_model_version(tmp_path, tiny_che
         prior_only.close()
         tiny.close()
         image._example_answers.clear()
+
+
+def _hf_profile(username: str):
+    import gradio as gr
+
+    return gr.OAuthProfile({"name": username.title(), "preferred_username": username,
+                            "profile": f"https://huggingface.co/{username}", "picture": ""})
+
+
+def test_a_hugging_face_sign_in_becomes_its_own_user(token_store, monkeypatch):
+    import gradio as gr
+
+    from annotation.users import add_user
+    from webapp import auth
+    from webapp.components.login import hf_session
+
+    add_user("octo", "admin", "local-admin-pass", url=token_store)   # a local namesake
+    monkeypatch.setenv("EMO_HF_ADMINS", "owner, someone-else")
+    token = hf_session(None, _hf_profile("octo"))
+    who = auth.identify(token)
+    assert (who.name, who.role) == ("octo@hf", "viewer")   # never the local admin "octo"
+    assert hf_session(token, _hf_profile("octo")) == gr.skip()        # already signed in
+    assert hf_session(token, None) == gr.skip()                       # no HF sign-in: as is
+    assert auth.identify(hf_session(None, _hf_profile("owner"))).role == "admin"
+    with pytest.raises(auth.AuthError):                    # no password sign-in for it
+        auth.login("octo@hf", "anything-at-all")
+    with pytest.raises(gr.Error, match="not one this app accepts"):
+        hf_session(None, _hf_profile("../etc"))
+
+
+def test_the_hugging_face_button_appears_only_on_a_space_with_oauth(token_store, monkeypatch):
+    import gradio as gr
+    import gradio.oauth
+
+    from core.engine import set_shared_engine, shared_engine
+    from webapp.app import build_app
+
+    try:
+        assert not build_app().expects_oauth        # locally Gradio would only mock it
+        # What a Space with `hf_oauth: true` sets (Gradio reads the OAuth ones at import).
+        monkeypatch.setenv("SYSTEM", "spaces")
+        monkeypatch.setenv("SPACE_ID", "someone/emo-llama-studio")
+        monkeypatch.setenv("OAUTH_CLIENT_ID", "client-id")
+        for name, value in (("OAUTH_CLIENT_ID", "client-id"), ("OAUTH_CLIENT_SECRET", "secret"),
+                            ("OAUTH_SCOPES", "openid profile"),
+                            ("OPENID_PROVIDER_URL", "https://huggingface.co")):
+            monkeypatch.setattr(gradio.oauth, name, value)
+        demo = build_app()
+        assert demo.expects_oauth
+        routes = {getattr(route, "path", None) for route in gr.routes.App.create_app(demo).routes}
+        assert {"/login/huggingface", "/login/callback"} <= routes
+    finally:
+        shared_engine().close()
+        set_shared_engine(None)

@@ -36,7 +36,8 @@ def build_app() -> gr.Blocks:
     from webapp.components.data import create_data_tab
     from webapp.components.finetune import create_finetune_tab
     from webapp.components.image import create_image_tab
-    from webapp.components.login import browser_state, create_login_bar
+    from webapp.components.login import (browser_state, create_login_bar, hf_oauth_enabled,
+                                         hf_session)
     from webapp.components.status import create_status_panel, make_access_refresher
     from webapp.components.users import create_users_tab
     from webapp.components.video import create_video_tab
@@ -72,6 +73,8 @@ def build_app() -> gr.Blocks:
         access = dict(fn=make_access_refresher(gates), inputs=token,
                       outputs=[login["status"], banner, *[g[0] for g in gates]],
                       api_visibility="private")
+        if hf_oauth_enabled():  # a Hugging Face sign-in becomes a session token (then `access`)
+            demo.load(hf_session, inputs=token, outputs=token, api_visibility="private")
         # The Fine-tune and Users tabs fill their tables, for admins, on sign-in and when opened.
         on_load, on_change = demo.load(**access), token.change(**access)
         for tab, (fill_fn, fill_outputs) in ((finetune_tab, finetune["on_access"]),

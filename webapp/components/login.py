@@ -11,13 +11,44 @@ from __future__ import annotations
 import hashlib
 import html
 import hmac
+import os
 
 import gradio as gr
 
-from webapp.auth import Identity, login, server_secret
+from webapp.auth import AuthError, Identity, identify, issue_token, login, server_secret
 from webapp.components.common import handle_errors
 
 STORAGE_KEY = "emo_studio_session"
+
+
+def hf_oauth_enabled() -> bool:
+    """True on a Space (SYSTEM=spaces, as Gradio checks) whose README front matter says
+    `hf_oauth: true` (Hugging Face then sets OAUTH_CLIENT_ID). Elsewhere Gradio would only mock
+    the button with the machine's own HF token, so it is not shown."""
+    return (os.environ.get("SYSTEM") == "spaces" and bool(os.environ.get("SPACE_ID"))
+            and bool(os.environ.get("OAUTH_CLIENT_ID")))
+
+
+@handle_errors
+def hf_session(token: str | None, profile: gr.OAuthProfile | None):
+    """On page load: a Hugging Face sign-in becomes a session of its "<username>@hf" user.
+
+    The role comes from the users table (EMO_HF_ROLE for a new account, default viewer; admin
+    for the usernames in EMO_HF_ADMINS), so the same server-side checks apply as for passwords.
+    """
+    from annotation.users import HF_SUFFIX, hf_account
+
+    if profile is None:
+        return gr.skip()
+    try:
+        who = identify(token)
+    except AuthError:
+        who = None
+    if who is not None and who.name == profile.username + HF_SUFFIX:
+        return gr.skip()
+    admins = tuple(n.strip() for n in os.environ.get("EMO_HF_ADMINS", "").split(",") if n.strip())
+    user = hf_account(profile.username, os.environ.get("EMO_HF_ROLE", "viewer"), admins)
+    return issue_token(user["id"], user["name"], None)
 
 
 def browser_state() -> gr.BrowserState:
@@ -55,6 +86,8 @@ def create_login_bar(token: gr.BrowserState) -> dict:
                                    scale=0, min_width=110)
         sign_out = gr.Button("Sign out", elem_id="logout", scale=0, min_width=110,
                              visible=False)
+        if hf_oauth_enabled():
+            gr.LoginButton("Sign in with Hugging Face", scale=0, min_width=220)
     submit.click(sign_in, inputs=[name, password], outputs=token, api_name="login") \
         .then(lambda: "", outputs=password, api_visibility="private")
     password.submit(sign_in, inputs=[name, password], outputs=token, api_visibility="private") \

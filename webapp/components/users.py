@@ -30,9 +30,11 @@ def users_frame() -> pd.DataFrame:
 @handle_errors
 def change_own_password(token: str | None, current: str, new: str, again: str):
     """/change_password: your own password (needs the current one); returns a fresh session."""
-    from annotation.users import authenticate, set_password
+    from annotation.users import HF_SUFFIX, authenticate, set_password
 
     who = require(token, "viewer")
+    if who.name.endswith(HF_SUFFIX):
+        raise UserError("You sign in with Hugging Face: there is no password here to change.")
     if new != again:
         raise UserError("The two new passwords differ.")
     if authenticate(who.name, current) is None:
