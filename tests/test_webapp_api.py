@@ -506,6 +506,7 @@ def test_example_answers_are_cached_per_serving_model_version(tmp_path, tiny_che
         assert swapped[-1][0]["model_version"] == tiny.info["model_version"] != \
             first[-1][0]["model_version"]
         assert tiny.health()["served"] == 1 and prior_only.health()["served"] == served
+        assert {version for version, _ in image._example_answers} == {tiny.info["model_version"]}
     finally:
         set_shared_engine(None)
         prior_only.close()

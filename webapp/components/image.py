@@ -82,7 +82,7 @@ def predict_image(image: str | None):
 
 # Example answers, kept per (serving model version, example file): after a publish or rollback
 # hot-swaps the model, an example runs again instead of showing the old version's answer (which
-# Gradio's own example cache, one per launch, would). Four examples per version: a small dict.
+# Gradio's own example cache, one per launch, would). Only the serving version's answers are kept.
 _example_answers: dict[tuple[str, str], tuple] = {}
 _example_lock = threading.Lock()
 
@@ -100,8 +100,11 @@ def predict_example(image: str):
     for final in predict_image(image):
         yield final
     if final is not None:
+        version = final[0]["model_version"]
         with _example_lock:
-            _example_answers[(final[0]["model_version"], Path(image).name)] = final
+            for stale in [k for k in _example_answers if k[0] != version]:  # swapped-out versions
+                del _example_answers[stale]
+            _example_answers[(version, Path(image).name)] = final
 
 
 def create_image_tab(examples_dir: Path, concurrency: int) -> None:
