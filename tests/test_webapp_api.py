@@ -566,3 +566,52 @@ def test_the_hugging_face_button_appears_only_on_a_space_with_oauth(token_store,
     finally:
         shared_engine().close()
         set_shared_engine(None)
+
+
+def test_the_job_monitor_sends_a_finished_job_once_and_leaves_evaluate_results_alone(
+        token_store, tmp_path, monkeypatch):
+    import types
+
+    import gradio as gr
+
+    from annotation.users import add_user
+    from core.engine import set_shared_engine, shared_engine
+    from webapp import auth
+    from webapp.components import finetune as tab
+
+    add_user("ada", "admin", "ada-admin-pass", url=token_store)
+    token = auth.login("ada", "ada-admin-pass")
+    png = write_image(tmp_path / "confusion.png", np.zeros((8, 8, 3), np.uint8))
+    log = {9001: [{"event": "step", "step": 1, "total_steps": 2, "loss": 1.0}],
+           9002: [{"event": "step", "step": 2, "total_steps": 2, "loss": 0.5}]}
+    states = {9001: "running", 9002: "succeeded"}
+
+    def job_status(job_id):   # what annotation.finetune reports, scripted per tick
+        return {"id": job_id, "status": states[job_id], "step": log[job_id][0]["step"],
+                "total_steps": 2, "loss": None, "eta_s": None, "error": None, "version": None}
+
+    monkeypatch.setattr(tab, "_finetune", lambda: types.SimpleNamespace(
+        job_status=job_status, list_jobs=lambda: [],
+        read_events=lambda job_id, since=0: log[job_id][since:]))
+    tab._events.clear()
+    try:
+        first = tab.poll(token, 9001, None)
+        assert first[3] == gr.skip() and first[4] == [9001, "running"]     # no evaluation yet
+        log[9001].append({"event": "eval", "version": "v9", "uar": 0.5, "war": 0.5,
+                          "parent_uar": 0.4, "confusion_png": str(png)})
+        running = tab.poll(token, 9001, first[4])
+        assert running[3] == gr.skip()      # the Evaluate button's matrix stays on screen
+        assert "step 1/2" in running[0]
+        states[9001] = "succeeded"
+        done = tab.poll(token, 9001, running[4])
+        assert done[3] is not None and done[3] != gr.skip()   # the matrix, once, at the end
+        assert done[4] == [9001, "succeeded"] and "succeeded" in done[0]
+        assert tab.poll(token, 9001, done[4]) == (gr.skip(),) * 11      # nothing new to send
+        other = tab.poll(token, 9002, done[4])                        # another finished job
+        assert other[4] == [9002, "succeeded"] and "step 2/2" in other[0]
+        nothing = tab.poll(token, None, other[4])
+        assert nothing[3] == gr.skip() and "No job yet" in nothing[0]
+    finally:
+        tab._events.clear()
+        shared_engine().close()
+        set_shared_engine(None)

@@ -180,24 +180,31 @@ def job_choices() -> list[tuple[str, int]]:
 
 
 @handle_errors
-def poll(token: str | None, job_id: int | None, last_status: str | None):
+def poll(token: str | None, job_id: int | None, seen: list | None):
     """One tick of the monitor: progress, loss curve, log tail, the job's confusion matrix.
 
-    When the job has just finished (a status this page had not seen yet), the job list, the
-    versions and the model banner are refreshed too: the job may have published a version.
+    `seen` is the [job, status] this page last showed. A finished job that is already on
+    screen sends nothing. The confusion matrix is sent only when that pair changes: between
+    ticks the Evaluate button may be showing another version's matrix in the same place. When
+    the job has just finished, the job list, the versions and the model banner are refreshed
+    too: the job may have published a version.
     """
     require(token, "admin")
     unchanged = (gr.skip(),) * 6
     if job_id in (None, ""):
         return ("<div id='finetune-progress-box'>No job yet: start one on the left.</div>",
                 loss_frame([]), "", gr.skip(), None, *unchanged)
-    status = _finetune().job_status(int(job_id))
+    status = _finetune().job_status(int(job_id))  # also settles a job whose process died
+    now = [int(job_id), status["status"]]
+    if now == seen and status["status"] in TERMINAL:
+        return (gr.skip(),) * 11
     events = job_events(int(job_id))
     evaluation = next((e for e in reversed(events) if e.get("event") == "eval"), None)
+    changed = now != seen
     shown = (progress_html(status, events), loss_frame(events), log_text(events),
-             _confusion(evaluation.get("confusion_png")) if evaluation else gr.skip(),
-             status["status"])
-    if status["status"] == last_status or status["status"] not in TERMINAL:
+             _confusion(evaluation.get("confusion_png")) if evaluation and changed else gr.skip(),
+             now)
+    if not changed or status["status"] not in TERMINAL:
         return (*shown, *unchanged)
     jobs, rows = job_choices(), versions()
     names = [v["name"] for v in rows]
@@ -350,13 +357,13 @@ def create_finetune_tab(token: gr.BrowserState, banner: gr.HTML) -> dict:
             versions_table = gr.Dataframe(headers=VERSION_COLUMNS, label="Model versions",
                                           interactive=False, elem_id="finetune-versions")
     timer = gr.Timer(POLL_SECONDS, active=False)
-    seen_status = gr.State(None)  # the job status this page last showed
+    seen = gr.State(None)  # the [job, status] this page last showed
 
     private = {"api_visibility": "private"}
     start_btn.click(start, inputs=[token, snapshot, from_version, epochs, lr, replay],
                     outputs=job, api_name="start_finetune")
-    monitor = dict(fn=poll, inputs=[token, job, seen_status],
-                   outputs=[progress, curve, logs, confusion, seen_status, job, from_version,
+    monitor = dict(fn=poll, inputs=[token, job, seen],
+                   outputs=[progress, curve, logs, confusion, seen, job, from_version,
                             version, versions_table, serving, banner])
     timer.tick(**monitor, show_progress="hidden", **private)
     job.change(**monitor, **private)
