@@ -76,13 +76,14 @@ def _get(session, name: str) -> User:
 
 def set_role(name: str, role: str, url: str | None = None) -> dict:
     """Change a role; the last admin cannot be demoted (a Space has no shell to undo that)."""
+    role = _check_role(role)
     with session_scope(url) as session:
         user = _get(session, name)
-        if user.role == "admin" and _check_role(role) != "admin":
+        if user.role == "admin" and role != "admin":
             admins = session.scalars(select(User).where(User.role == "admin")).all()
             if len(admins) == 1:
                 raise UserError(f"{name} is the only admin; make another user admin first")
-        user.role = _check_role(role)
+        user.role = role
         return _view(user)
 
 

@@ -105,8 +105,7 @@ class Engine:
         self._queue: queue.Queue[_Request] = queue.Queue()
         self._pool = ThreadPoolExecutor(self.config.preprocess_workers, thread_name_prefix="engine-prep")
         self._ids = itertools.count(1)
-        self._in_flight = 0
-        self._pending: dict[int, _Request] = {}  # submitted and not finished, for close()
+        self._pending: dict[int, _Request] = {}  # submitted and not finished: the queue bound, close()
         self._count_lock = threading.Lock()  # guards the counters, the histogram and _pending
         self._closed = threading.Event()  # set by close(); no new requests after it
         self._started = time.time()
@@ -190,7 +189,7 @@ class Engine:
             return round(latencies[min(len(latencies) - 1, int(q * len(latencies)))], 1) if latencies else None
 
         return {"model_version": self.info["model_version"], "mode": self.info["mode"],
-                "queue_depth": self._queue.qsize(), "in_flight": self._in_flight,
+                "queue_depth": self._queue.qsize(), "in_flight": len(self._pending),
                 "max_queue": self.config.max_queue, "batch_sizes": dict(sorted(batch_sizes.items())),
                 "latency_ms_p50": pct(0.5), "latency_ms_p95": pct(0.95),
                 **{k: stats.get(k, 0) for k in ("served", "failed", "cancelled", "rejected_busy")},
@@ -213,10 +212,9 @@ class Engine:
             raise UserError("the engine is shut down")
         request = _Request(next(self._ids), media, question, label_set, explain)
         with self._count_lock:
-            if self._in_flight >= self.config.max_queue:
+            if len(self._pending) >= self.config.max_queue:
                 self._stats["rejected_busy"] += 1
                 raise EngineBusy("the model is busy with other requests; retry in a few seconds")
-            self._in_flight += 1
             self._pending[request.id] = request
         try:
             self._pool.submit(self._preprocess, request)
@@ -230,7 +228,6 @@ class Engine:
             if request.finished:
                 return
             request.finished = True
-            self._in_flight -= 1
             self._pending.pop(request.id, None)
             self._stats[{"done": "served", "error": "failed"}.get(kind, "cancelled")] += 1
             if kind == "done":
@@ -312,7 +309,7 @@ class Engine:
         while len(batch) < self.config.max_batch:
             # Wait for company only while other requests are on their way (in preprocessing);
             # a lone request runs at once.
-            waiting_for_more = self._in_flight > len(batch) + self._queue.qsize()
+            waiting_for_more = len(self._pending) > len(batch) + self._queue.qsize()
             remaining = deadline - time.perf_counter() if waiting_for_more else 0
             try:
                 batch.append(self._queue.get(timeout=remaining) if remaining > 0 else self._queue.get_nowait())

@@ -128,6 +128,18 @@ def pick_record(dataset: str | None, token: str | None):
             f"Record #{sample['id']} of {html.escape(dataset)} · ground truth: {truth}")
 
 
+def answer_column(title: str, text_id: str | None = None,
+                  with_source: bool = True) -> list[gr.Textbox]:
+    """One side of a comparison: a heading, the label, the explanation (and where it came from)."""
+    with gr.Column():
+        gr.Markdown(f"### {title}")
+        boxes = [gr.Textbox(label="Label", interactive=False),
+                 gr.Textbox(label="Explanation", lines=7, interactive=False, elem_id=text_id)]
+        if with_source:
+            boxes.append(gr.Textbox(label="Source", interactive=False, max_lines=1))
+    return boxes
+
+
 def create_compare_tab(token: gr.BrowserState, concurrency: int) -> dict:
     notice = gr.Markdown(visible=not gemini_configured(), value=f"⚠️ {NO_KEY_MESSAGE}",
                          elem_classes=["emo-notice"])
@@ -150,29 +162,13 @@ def create_compare_tab(token: gr.BrowserState, concurrency: int) -> dict:
             with gr.Tabs() as views:
                 with gr.Tab("Side by side", id="side"):
                     with gr.Row(equal_height=True):
-                        with gr.Column():
-                            gr.Markdown("### Gemini")
-                            g_label = gr.Textbox(label="Label", interactive=False)
-                            g_text = gr.Textbox(label="Explanation", lines=7, interactive=False,
-                                                elem_id="compare-gemini-text")
-                            g_meta = gr.Textbox(label="Source", interactive=False, max_lines=1)
-                        with gr.Column():
-                            gr.Markdown("### EMO-LLaMA")
-                            m_label = gr.Textbox(label="Label", interactive=False)
-                            m_text = gr.Textbox(label="Explanation", lines=7, interactive=False,
-                                                elem_id="compare-model-text")
-                            m_meta = gr.Textbox(label="Source", interactive=False, max_lines=1)
+                        g_label, g_text, g_meta = answer_column("Gemini", "compare-gemini-text")
+                        m_label, m_text, m_meta = answer_column("EMO-LLaMA", "compare-model-text")
                     g_json = gr.JSON(visible=False)
                 with gr.Tab("Blind A/B", id="blind"):
                     with gr.Row(equal_height=True):
-                        with gr.Column():
-                            gr.Markdown("### A")
-                            a_label = gr.Textbox(label="Label", interactive=False)
-                            a_text = gr.Textbox(label="Explanation", lines=7, interactive=False)
-                        with gr.Column():
-                            gr.Markdown("### B")
-                            b_label = gr.Textbox(label="Label", interactive=False)
-                            b_text = gr.Textbox(label="Explanation", lines=7, interactive=False)
+                        a_label, a_text = answer_column("A", with_source=False)
+                        b_label, b_text = answer_column("B", with_source=False)
                     with gr.Row():
                         vote_a = gr.Button("A is better", interactive=False,
                                            elem_id="compare-vote-a")
