@@ -189,7 +189,7 @@ def test_hot_swap_onto_the_same_base_shares_it_and_releases_the_old_adapter(tiny
 
 def test_a_request_that_breaks_the_model_fails_alone(engine, files, monkeypatch):
     model = engine._model
-    poison = model._ids("POISON")
+    poison = model._qformer_ids("POISON")
     real_generate = model.generate
 
     def generate(batch, *args, **kwargs):

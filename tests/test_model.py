@@ -54,8 +54,9 @@ def test_gradients_reach_trainable_parts_only(tiny_checkpoint, face_input):  # n
     loss.backward()
     grads = {name: p.grad for name, p in model.named_parameters() if p.grad is not None}
     assert any("lora_" in n for n in grads)
-    assert any(n.startswith("frame_tokens.context_proj") for n in grads)
-    assert any(n.startswith("frame_tokens.qformer") for n in grads)
+    assert any(n.startswith("frame_tokens.val_projector") for n in grads)
+    assert any(n.startswith("frame_tokens.mm_projector") for n in grads)
+    assert any(n.startswith("frame_tokens.encoder.encoder.layer.0.crossattention") for n in grads)
     assert any(n.startswith("fim.local_proj") for n in grads) and any(n.startswith("fim.layers") for n in grads)
     assert not any(n.startswith("vision.") for n in grads)
     frozen_llm = [n for n, p in model.llm.named_parameters() if "lora_" not in n]
@@ -79,13 +80,13 @@ def test_save_load_round_trip_gives_identical_logits(model, face_input, tmp_path
     assert (folder / "llm" / base_weights.name).samefile(base_weights)
 
 
-def test_score_labels_is_a_distribution_that_matches_direct_likelihoods(model, face_input):
+def test_score_labels_is_a_distribution_that_matches_direct_likelihoods(model, face_input, monkeypatch):
     photo, faces = face_input
-    labels = model.config.label_set
+    # The tiny tokenizer has one token per basic label: two longer options, so that "mean" and
+    # "sum" really differ (MAFW's compound labels are several tokens long in a real vocabulary).
+    labels = [*model.config.label_set, "anger and contempt", "fear or surprise"]
     x = model.prepare([photo], [faces], category_question(labels))
-    scores = model.score_labels([x], labels)[0]
-    assert sum(scores.values()) == pytest.approx(1.0, abs=1e-5)
-    direct = {}
+    token_logprobs = {}
     prompt = model.prompt_embeddings(x)
     with torch.no_grad():
         for label in labels:  # one sequence at a time, no padding: an independent computation
@@ -93,10 +94,43 @@ def test_score_labels_is_a_distribution_that_matches_direct_likelihoods(model, f
             embeds = torch.cat([prompt, model._embed_ids(ids)])[None]
             logits = model.llm(inputs_embeds=embeds).logits[0].log_softmax(-1)
             start = prompt.shape[0] - 1
-            direct[label] = float(sum(logits[start + i, t] for i, t in enumerate(ids)))
-    assert max(scores, key=scores.get) == max(direct, key=direct.get)
-    expected = torch.tensor(list(direct.values())).softmax(0).tolist()
-    assert list(scores.values()) == pytest.approx(expected, abs=1e-4)
+            token_logprobs[label] = [float(logits[start + i, t]) for i, t in enumerate(ids)]
+    assert len({len(v) for v in token_logprobs.values()}) > 1
+    joint = {label: sum(v) for label, v in token_logprobs.items()}
+    per_token = {label: sum(v) / len(v) for label, v in token_logprobs.items()}  # end token included
+
+    def expected(option_scores: dict, temperature: float = 1.0) -> list[float]:
+        return (torch.tensor(list(option_scores.values()), dtype=torch.float64) / temperature).softmax(0).tolist()
+
+    assert expected(per_token) != pytest.approx(expected(joint), abs=1e-3)
+    assert model.config.label_scoring == "mean" and model.config.label_temperature == 1.0  # the defaults
+    scores = model.score_labels([x], labels)[0]
+    assert sum(scores.values()) == pytest.approx(1.0, abs=1e-5)
+    assert max(scores, key=scores.get) == max(per_token, key=per_token.get)
+    assert list(scores.values()) == pytest.approx(expected(per_token), abs=1e-4)
+    raw = model.score_labels([x], labels, raw=True)[0]   # the option log-likelihoods themselves
+    assert list(raw.values()) == pytest.approx(list(per_token.values()), abs=1e-4)
+
+    monkeypatch.setattr(model.config, "label_temperature", 2.5)
+    assert list(model.score_labels([x], labels)[0].values()) == pytest.approx(expected(per_token, 2.5), abs=1e-4)
+    assert list(model.score_labels([x], labels, raw=True)[0].values()) == pytest.approx(list(raw.values()), abs=1e-6)
+    monkeypatch.setattr(model.config, "label_temperature", 0.4)
+    assert list(model.score_labels([x], labels)[0].values()) == pytest.approx(expected(per_token, 0.4), abs=1e-4)
+
+    monkeypatch.setattr(model.config, "label_scoring", "sum")   # the joint likelihood, as before
+    assert list(model.score_labels([x], labels)[0].values()) == pytest.approx(expected(joint, 0.4), abs=1e-4)
+    monkeypatch.setattr(model.config, "label_temperature", 1.0)
+    assert list(model.score_labels([x], labels)[0].values()) == pytest.approx(expected(joint), abs=1e-4)
+    assert list(model.score_labels([x], labels, raw=True)[0].values()) == pytest.approx(list(joint.values()), abs=1e-4)
+
+    monkeypatch.setattr(model.config, "label_scoring", "max")
+    with pytest.raises(ValueError, match="label_scoring"):
+        model.score_labels([x], labels)
+    monkeypatch.setattr(model.config, "label_scoring", "mean")
+    for bad in (0.0, -1.0, float("nan")):
+        monkeypatch.setattr(model.config, "label_temperature", bad)
+        with pytest.raises(ValueError, match="label_temperature"):
+            model.score_labels([x], labels)
 
 
 def test_batched_inference_equals_solo(model, face_input):
@@ -336,19 +370,23 @@ def test_real_base_models_fit_by_config_on_the_meta_device(model, face_input, ll
     side = vision_config.image_size
     processor = transformers.CLIPImageProcessor(size={"shortest_edge": side},
                                                 crop_size={"height": side, "width": side})
-    config = EmoLlamaConfig()
+    config = EmoLlamaConfig(template="tiny")  # the prompt goes through the tiny tokenizer
     with torch.device("meta"):
-        real = EmoLlama.from_configs(config, llm_config, vision_config, model.tokenizer, processor)
+        real = EmoLlama.from_configs(config, llm_config, vision_config, model.tokenizer, processor,
+                                     model.qformer_tokenizer)
     assert sum(p.numel() for n, p in real.llm.named_parameters() if "lora_" not in n) == llm_params
     assert sum(p.numel() for p in real.vision.parameters()) == vision_params
     trainable = {n for n, p in real.named_parameters() if p.requires_grad}
     assert trainable and all(n.startswith(("frame_tokens.", "fim.")) or "lora_" in n for n in trainable)
     lora_layers = {n.split(".lora_A")[0] for n in trainable if ".lora_A." in n}
     assert len(lora_layers) == llm_config.num_hidden_layers * len(config.lora_targets)
-    # The wiring: the Q-Former and the ROI pooling read the encoder's width, the projectors write
-    # the LLM's, and a 16-frame video costs the design's 16 x 2 + K media tokens.
-    assert real.frame_tokens.qformer.config.encoder_hidden_size == vision_config.hidden_size
-    assert real.frame_tokens.content_proj[-1].out_features == llm_config.hidden_size
+    # The wiring: the Q-Former reads EVA's width (1408) through bert_proj from the encoder's, the
+    # ROI pooling reads the encoder's width, the projectors write the LLM's, and a 16-frame video
+    # costs the design's 16 x 2 + K media tokens.
+    assert real.frame_tokens.encoder.config.encoder_hidden_size == 1408
+    assert real.frame_tokens.bert_proj.in_features == vision_config.hidden_size
+    assert real.frame_tokens.mm_projector[-1].out_features == llm_config.hidden_size
+    assert real.frame_tokens.val_projector.out_features == llm_config.hidden_size
     assert real.fim.local_proj.in_features == vision_config.hidden_size
     assert real.fim.out[-1].out_features == llm_config.hidden_size
     photo, faces = face_input
@@ -360,14 +398,14 @@ def test_real_base_models_fit_by_config_on_the_meta_device(model, face_input, ll
 
 def test_the_connector_runs_at_real_widths():
     """Meta tensors cannot run transformers' mask code, so the trainable connector runs on the
-    CPU at Vicuna-7B / CLIP ViT-L/14-336 widths, on random patch features (576 patches)."""
+    CPU at Vicuna-7B / CLIP ViT-L/14-336 widths, on random features (CLS + 576 patches)."""
     from core.model.face_mining import FaceInfoMining
     from core.model.vision import FrameTokens
 
     config = EmoLlamaConfig()
     frame, fim = FrameTokens(config, 1024, 4096), FaceInfoMining(config, 1024, 4096)
     with torch.no_grad():
-        tokens = frame(torch.randn(2, 576, 1024), torch.randn(2, 12, 4096),
+        tokens = frame(torch.randn(2, 577, 1024), torch.randint(0, config.qformer_vocab, (2, 12)),
                        torch.ones(2, 12, dtype=torch.long))
         landmarks = torch.tensor([[38.3, 51.7], [73.5, 51.5], [56.0, 71.7], [41.5, 92.4], [70.7, 92.2]])
         face = fim(torch.randn(3, config.prior_dim), torch.randn(3, 576, 1024), landmarks.expand(3, 5, 2))

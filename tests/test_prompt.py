@@ -1,7 +1,5 @@
-"""The words around the media: AGR sentence, question templates, chat layout, label parsing."""
+"""The words around the media: AGR sentence, questions, conversation layout, label parsing."""
 from __future__ import annotations
-
-import copy
 
 import pytest
 
@@ -9,6 +7,7 @@ from core.faces import Attributes
 from core.labels import BASIC7, MAFW11, parse_label
 from core.model.prompt import (MEDIA_MARKER, agr_sentence, category_question, conversation_question,
                                split_prompt, user_message)
+from core.model.templates import get_template
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +41,7 @@ def test_agr_sentence_is_empty_when_nothing_is_known():
 def test_questions_name_the_medium_and_every_option_in_order():
     question = category_question(MAFW11, "video")
     assert "video" in question and question.endswith(", ".join(MAFW11) + ".")
-    assert "image" in conversation_question("image") and "evidence" in conversation_question("image")
+    assert "image" in conversation_question("image") and "facial cues" in conversation_question("image")
 
 
 def test_user_message_puts_media_first_and_agr_only_when_known():
@@ -51,26 +50,26 @@ def test_user_message_puts_media_first_and_agr_only_when_known():
     assert user_message("Why?", None).split("\n") == [MEDIA_MARKER, "Why?"]
 
 
-def test_split_prompt_cuts_the_chat_template_at_the_media(tokenizer):
+def test_split_prompt_cuts_the_template_at_the_media(tokenizer):
+    """The tiny template renders what the tiny tokenizer's own chat template renders (tiny
+    checkpoints built before templates existed prompt the same), cut at the media."""
     attrs = Attributes(age="30-39", gender="female", race="East Asian")
     question = category_question(BASIC7)
-    before, after = split_prompt(tokenizer, question, attrs)
+    before, after = split_prompt(get_template("tiny"), question, attrs)
     rendered = tokenizer.apply_chat_template([{"role": "user", "content": user_message(question, attrs)}],
                                              tokenize=False, add_generation_prompt=True)
     assert before + MEDIA_MARKER + after == rendered
-    assert before.startswith("<|user|>") and after.endswith("<|assistant|>\n")
+    assert before == "<|user|>\n" and after.endswith("<|assistant|>\n")
     assert "30-39 year old East Asian woman" in after and question in after
-    _, after = split_prompt(tokenizer, question, None)
+    _, after = split_prompt(get_template("tiny"), question, None)
     assert "appears to be" not in after
 
 
-def test_vicuna_layout_is_used_when_the_llm_has_no_template(tokenizer):
-    from core.model.modeling import DEFAULT_CHAT_TEMPLATE
-
-    bare = copy.deepcopy(tokenizer)
-    bare.chat_template = DEFAULT_CHAT_TEMPLATE
-    before, after = split_prompt(bare, "What is the expression?")
-    assert before == "USER: " and after == "\nWhat is the expression? ASSISTANT:"
+def test_vicuna_layout_is_llamavids_conv_vicuna_v1():
+    before, after = split_prompt(get_template("vicuna_v1"), "What is the expression?")
+    assert before == ("A chat between a curious user and an artificial intelligence assistant. The assistant "
+                      "gives helpful, detailed, and polite answers to the user's questions. USER: ")
+    assert after == "\nWhat is the expression? ASSISTANT:"
 
 
 @pytest.mark.parametrize("text, label_set, label", [

@@ -54,13 +54,37 @@ def build_tiny_tokenizer():
     return fast
 
 
+def build_tiny_bert_tokenizer(with_dec: bool = True):
+    """A tiny lower-casing WordPiece tokenizer in bert-base-uncased's layout ([CLS] ... [SEP], and
+    LLaMA-VID's added [DEC]), for the tiny Q-Former."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    tokenizer = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tokenizer.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tokenizer.train_from_iterator(tiny_corpus(), trainers.WordPieceTrainer(
+        vocab_size=400, special_tokens=specials, show_progress=False))
+    cls, sep = tokenizer.token_to_id("[CLS]"), tokenizer.token_to_id("[SEP]")
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", cls), ("[SEP]", sep)])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="[UNK]", pad_token="[PAD]",
+                                   cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]")
+    if with_dec:
+        fast.add_special_tokens({"bos_token": "[DEC]"})
+    return fast
+
+
 def tiny_config(**overrides) -> EmoLlamaConfig:
     values = dict(llm="llm", vision="vision", num_frames=8, content_tokens=1, qformer_hidden=32,
-                  qformer_layers=2, qformer_heads=2, num_text_queries=4, face_tokens=4,
+                  qformer_layers=2, qformer_heads=2, qformer_intermediate=64, qformer_encoder_width=32,
+                  qformer_max_positions=320, num_text_queries=4, face_tokens=4,
+                  vision_select_layer=-1,  # a 2-layer random tower: its penultimate layer is too raw
                   global_face_tokens=2, aggregator_layers=2, aggregator_heads=2,
                   aggregator_hidden=32, lora_r=8, lora_alpha=16, lora_dropout=0.0,
                   lora_targets=["q_proj", "v_proj"], max_new_tokens=24, version="tiny-base",
-                  is_tiny=True)
+                  is_tiny=True, template="tiny")
     values.update(overrides)
     return EmoLlamaConfig(**values)
 
@@ -90,7 +114,9 @@ def build_tiny(out: str | Path, seed: int = 0, **overrides) -> Path:
                     ).save_pretrained(out / "vision")
     CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}
                        ).save_pretrained(out / "vision")
-    config = tiny_config(**overrides)
+    qformer_tokenizer = build_tiny_bert_tokenizer()
+    qformer_tokenizer.save_pretrained(out / "qformer_tokenizer")
+    config = tiny_config(qformer_vocab=len(qformer_tokenizer), **overrides)
     config.base_id = config.base_id or base_fingerprint(out / "llm", out / "vision")
     model = EmoLlama.from_parts(config, out)
     model.source_dir = out
@@ -123,11 +149,48 @@ def prior_embedding_dim(prior: str) -> int:
 
 
 def build_from_parts(llm: str, vision: str, out: str | Path, prior: str | None = None,
-                     version: str = "base") -> Path:
-    """An untrained checkpoint that refers to real base parts by hub id or folder."""
-    config = EmoLlamaConfig(llm=llm, vision=vision, version=version)
+                     version: str = "base", llm_gguf_file: str = "", bert: str = "bert-base-uncased") -> Path:
+    """An untrained checkpoint that refers to real base parts by hub id or folder.
+
+    Nothing of the base is loaded: the widths come from its config files, only the new modules
+    (frame tokens, Face Info Mining) are created and written, and the LoRA adapter is created
+    (B = 0, so the base answers unchanged) when the checkpoint loads. A 7B base builds in seconds.
+    """
+    from safetensors.torch import save_file
+    from transformers import AutoConfig
+
+    from core.model.face_mining import FaceInfoMining
+    from core.model.llamavid import load_bert_tokenizer
+    from core.model.llm import load_tokenizer
+    from core.model.modeling import MODULES_FILE, QFORMER_TOKENIZER_DIR, load_image_processor
+    from core.model.templates import detect_template
+    from core.model.vision import FrameTokens
+
+    # A local folder is recorded by its absolute path (a bare name means a checkpoint sub-folder).
+    llm, vision = (str(Path(part).resolve()) if Path(part).is_dir() else part for part in (llm, vision))
+    config = EmoLlamaConfig(llm=llm, vision=vision, version=version, llm_gguf_file=llm_gguf_file)
     if prior:
         config.prior, config.prior_dim = prior, prior_embedding_dim(prior)
-    # The tokenizer is saved with the checkpoint, chat template included (Vicuna's layout when the
-    # base LLM ships none), so every later load formats prompts the same way.
-    return EmoLlama.from_parts(config).save_pretrained(out)
+    llm_config = AutoConfig.from_pretrained(llm, **({"gguf_file": llm_gguf_file} if llm_gguf_file else {}))
+    vision_config = AutoConfig.from_pretrained(vision)
+    vision_config = getattr(vision_config, "vision_config", None) or vision_config
+    llm_dim, vision_dim = llm_config.get_text_config().hidden_size, vision_config.hidden_size
+    tokenizer = load_tokenizer(llm, llm_gguf_file or None)
+    config.template = detect_template(llm_config, tokenizer, llm)  # before writing: or a clear error
+    processor = load_image_processor(vision)
+    qformer_tokenizer = load_bert_tokenizer(bert)
+    config.qformer_vocab = len(qformer_tokenizer)
+
+    modules = {"frame_tokens": FrameTokens(config, vision_dim, llm_dim),
+               "fim": FaceInfoMining(config, vision_dim, llm_dim)}
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file({f"{name}.{k}": v.contiguous() for name, module in modules.items()
+               for k, v in module.state_dict().items()}, out / MODULES_FILE)
+    # The tokenizer is saved with the checkpoint, so every later load formats prompts the same way.
+    tokenizer.save_pretrained(out / "tokenizer")
+    processor.save_pretrained(out / "processor")
+    qformer_tokenizer.save_pretrained(out / QFORMER_TOKENIZER_DIR)
+    config.qformer_tokenizer = QFORMER_TOKENIZER_DIR
+    config.save(out)
+    return out

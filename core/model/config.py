@@ -6,6 +6,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from core.labels import BASIC7
+from core.model.recipe import DEFAULT_CATEGORY_PHRASING, DEFAULT_CONVERSATION_PHRASINGS
 
 CONFIG_NAME = "config.json"
 MODEL_TYPE = "emo-llama"
@@ -19,16 +20,29 @@ class EmoLlamaConfig:
     prior: str = "fer2013-mini-xception"   # the face prior network of core/faces.py
     prior_dim: int = 128                    # its global embedding size
 
-    # LLaMA-VID: per frame one text-guided context token + `content_tokens` pooled patch tokens.
+    # LLaMA-VID: per frame one text-guided context token + `content_tokens` pooled patch tokens
+    # (1 = its compress_type "mean", N*N = "grid:N", the patch count = no compression).
     num_frames: int = 8
     content_tokens: int = 1
-    qformer_hidden: int = 768
-    qformer_layers: int = 2
-    qformer_heads: int = 12
+    vision_select_layer: int = -2           # CLIP/SigLIP: LLaVA's penultimate layer (EVA: its last built)
+    # The instruction-aware Q-Former: InstructBLIP's BERT (LLaMA-VID's bert_type qformer_pretrain).
     num_text_queries: int = 32
+    qformer_hidden: int = 768
+    qformer_layers: int = 12
+    qformer_heads: int = 12
+    qformer_intermediate: int = 3072
+    qformer_vocab: int = 30523              # bert-base-uncased + LLaMA-VID's [DEC]
+    qformer_max_positions: int = 512
+    qformer_cross_attention_frequency: int = 2
+    qformer_encoder_width: int = 1408       # EVA ViT-g, what the pretrained Q-Former reads
+    qformer_vision_ln: bool = True          # LLaMA-VID's vlm_att_ln (InstructBLIP's ln_vision)
+    qformer_tokenizer: str = "qformer_tokenizer"   # sub-folder or hub id (bert-base-uncased)
+    qformer_max_text: int = 256             # instruction truncated from the left
 
     # Face Info Mining: global tokens from the prior embedding, local tokens pooled around the
     # landmarks of the aligned face, aggregated by K learned queries.
+    use_fim: bool = True                    # off: frame tokens only (LLaMA-VID as released)
+    use_agr: bool = True                    # off: no age/gender/race sentence in the prompt
     face_tokens: int = 8
     global_face_tokens: int = 2
     aggregator_layers: int = 2
@@ -43,7 +57,21 @@ class EmoLlamaConfig:
     lora_targets: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
 
     label_set: list[str] = field(default_factory=lambda: list(BASIC7))
-    max_new_tokens: int = 96
+
+    # The recipe: one set of choices that export, training, evaluation and the engine all read
+    # from the checkpoint (core/model/recipe.py), so what a version was trained on is what it
+    # is asked at serving time.
+    template: str = ""                      # conversation template (core/model/templates.py)
+    max_new_tokens: int = 320               # room for the 3-5 sentence explanations
+    label_scoring: str = "mean"             # option log-likelihood: "mean" per token | "sum"
+    label_temperature: float = 1.0          # fitted on the validation split by `evaluate`
+    pad_to_square: bool = False             # LLaMA-VID's eval scripts pad; its CLI does not
+    # The free-form questions trained on; the first is what serving and evaluation ask.
+    conversation_phrasings: list[str] = field(default_factory=lambda: list(DEFAULT_CONVERSATION_PHRASINGS))
+    category_phrasing: str = DEFAULT_CATEGORY_PHRASING   # "{medium}", "{options}" filled in
+
+    # LLM weights inside a GGUF file of the `llm` folder (transformers' gguf_file=).
+    llm_gguf_file: str = ""
     version: str = "base"                   # the model version name shown in every answer
     parent_version: str | None = None
     is_tiny: bool = False                   # a test fixture, never a trained model
@@ -57,7 +85,7 @@ class EmoLlamaConfig:
 
     def visual_token_budget(self, num_frames: int, with_face: bool = True) -> int:
         """LLM input positions spent on media: frames x (context + content) + K face tokens."""
-        return num_frames * self.tokens_per_frame() + (self.face_tokens if with_face else 0)
+        return num_frames * self.tokens_per_frame() + (self.face_tokens if with_face and self.use_fim else 0)
 
     def base_key(self) -> str | None:
         """Identity of the frozen base, or None when it cannot be told (parts in sub-folders
@@ -66,7 +94,9 @@ class EmoLlamaConfig:
             return self.base_id
         if any("/" not in part for part in (self.llm, self.vision)):  # stored inside a checkpoint
             return None
-        return f"{self.llm}|{self.vision}"
+        # Two GGUF files of one folder (e.g. two quantisations) are two different bases.
+        llm = f"{self.llm}#{self.llm_gguf_file}" if self.llm_gguf_file else self.llm
+        return f"{llm}|{self.vision}"
 
     def save(self, folder: str | Path) -> None:
         Path(folder, CONFIG_NAME).write_text(json.dumps(asdict(self), indent=2) + "\n")

@@ -37,18 +37,15 @@ from core.errors import ModelLoadError
 from core.model.config import CONFIG_NAME, EmoLlamaConfig
 from core.model.face_mining import FaceInfoMining
 from core.model.prompt import split_prompt
-from core.model.vision import FrameTokens, load_vision_encoder, patch_features
+from core.model.vision import EVA_MODEL_TYPES, FrameTokens, encoder_features, load_vision_encoder, patch_grid
 
 MODULES_FILE = "emo_modules.safetensors"
+QFORMER_TOKENIZER_DIR = "qformer_tokenizer"
 ADAPTER_DIR = "adapter"
 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")  # peft vs transformers 5
 # peft imports bitsandbytes when installed; on CPUs with AVX512-BF16 its import warns that it
 # cannot fetch an optional 4-bit kernel from the hub (no network here); its own fallback works.
 logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
-DEFAULT_CHAT_TEMPLATE = (  # Vicuna v1.1 layout, for base LLMs that ship without a template
-    "{% for m in messages %}{% if m['role'] == 'user' %}USER: {{ m['content'] }} "
-    "{% else %}ASSISTANT: {{ m['content'] }}</s>{% endif %}{% endfor %}"
-    "{% if add_generation_prompt %}ASSISTANT:{% endif %}")
 
 _adapter_names = itertools.count(1)  # peft adapter names of versions loaded onto a shared base
 
@@ -60,7 +57,7 @@ class EmoInput:
     pixel_values: torch.Tensor             # (F, 3, H, W)
     before_ids: list[int]                  # prompt tokens before the media
     after_ids: list[int]                   # prompt tokens after it, up to the answer
-    question_ids: list[int]                # the instruction, for the text-guided context token
+    question_ids: list[int]                # the instruction's Q-Former (BERT WordPiece) ids
     face_pixels: torch.Tensor | None       # (N, 3, H, W) aligned faces, one per frame with a face
     face_landmarks: torch.Tensor | None    # (N, 5, 2) in aligned-crop pixels
     prior_embeddings: torch.Tensor | None  # (N, prior_dim)
@@ -96,11 +93,12 @@ def _link_or_copy(src: str, dst: str) -> None:
 
 class EmoLlama(nn.Module):
     def __init__(self, config: EmoLlamaConfig, llm: nn.Module, vision: nn.Module, tokenizer,
-                 image_processor, source_dir: str | Path | None = None,
+                 image_processor, qformer_tokenizer, source_dir: str | Path | None = None,
                  adapter_name: str = "default", llm_lock: threading.RLock | None = None):
         super().__init__()
         self.config, self.llm, self.vision = config, llm, vision
         self.tokenizer, self.image_processor = tokenizer, image_processor
+        self.qformer_tokenizer = qformer_tokenizer
         self.source_dir = Path(source_dir) if source_dir else None
         # Versions loaded with load_version() share `llm` (one peft model, one adapter each) and
         # this lock: every LLM call activates its own adapter under it.
@@ -110,7 +108,7 @@ class EmoLlama(nn.Module):
         vision_dim = vision.config.hidden_size
         llm_dim = llm.get_input_embeddings().embedding_dim
         self.frame_tokens = FrameTokens(config, vision_dim, llm_dim)
-        self.fim = FaceInfoMining(config, vision_dim, llm_dim)
+        self.fim = FaceInfoMining(config, vision_dim, llm_dim) if config.use_fim else None
         self.vision.requires_grad_(False)
         self.vision.eval()
 
@@ -128,7 +126,7 @@ class EmoLlama(nn.Module):
         return self.llm.get_input_embeddings().weight.dtype
 
     def trainable_modules(self) -> nn.ModuleDict:
-        return nn.ModuleDict({"frame_tokens": self.frame_tokens, "fim": self.fim})
+        return nn.ModuleDict({"frame_tokens": self.frame_tokens, **({"fim": self.fim} if self.fim else {})})
 
     def train(self, mode: bool = True) -> "EmoLlama":
         super().train(mode)
@@ -137,10 +135,20 @@ class EmoLlama(nn.Module):
 
     # ------------------------------------------------------------------ inputs
     def _pixels(self, images: list[np.ndarray]) -> torch.Tensor:
+        if self.config.pad_to_square:
+            fill = [int(255 * m) for m in self.image_processor.image_mean]
+            images = [pad_to_square(image, fill) for image in images]
         return self.image_processor(images=list(images), return_tensors="pt")["pixel_values"]
 
     def _ids(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def _qformer_ids(self, question: str) -> list[int]:
+        """The instruction as the Q-Former reads it: lower-cased WordPiece, [CLS] ... [SEP],
+        truncated from the left (LLaMA-VID keeps the end of a long instruction)."""
+        tokenizer = self.qformer_tokenizer
+        tokenizer.truncation_side = "left"
+        return tokenizer(question, truncation=True, max_length=self.config.qformer_max_text)["input_ids"]
 
     def _prior_vector(self, face) -> np.ndarray:
         embedding = getattr(face, "embedding", None)
@@ -156,8 +164,11 @@ class EmoLlama(nn.Module):
     def prepare(self, frames: list[np.ndarray], faces: list[list], question: str) -> EmoInput:
         """Frames (RGB uint8) + per-frame faces (core.faces.Face, largest first) + question.
 
-        For a single image, `faces` may also be that image's list of faces.
+        For a single image, `faces` may also be that image's list of faces. The prompt follows
+        the checkpoint's conversation template (core/model/templates.py), BOS first when it says so.
         """
+        from core.model.templates import bos_ids, model_template
+
         if not frames:
             raise ValueError("prepare() needs at least one frame")
         if len(frames) == 1 and faces and hasattr(faces[0], "aligned"):
@@ -166,16 +177,19 @@ class EmoLlama(nn.Module):
             raise ValueError(f"prepare() got {len(frames)} frame(s) but faces for {len(faces)}")
         # One face per frame (the largest) keeps the face-token budget fixed per request.
         main_faces = [fs[0] for fs in faces if fs]
-        attributes = next((f.attributes for f in main_faces if f.attributes is not None), None)
-        before, after = split_prompt(self.tokenizer, question, attributes)
+        attributes = (next((f.attributes for f in main_faces if f.attributes is not None), None)
+                      if self.config.use_agr else None)
+        template = model_template(self)
+        before, after = split_prompt(template, question, attributes)
         face_pixels = landmarks = priors = None
-        if main_faces:
+        if main_faces and self.config.use_fim:
             face_pixels = self._pixels([f.aligned for f in main_faces])
             landmarks = torch.tensor(np.stack([f.aligned_landmarks for f in main_faces]), dtype=torch.float32)
             priors = torch.from_numpy(np.stack([self._prior_vector(f) for f in main_faces]))
         return EmoInput(kind="image" if len(frames) == 1 else "video",
-                        pixel_values=self._pixels(frames), before_ids=self._ids(before),
-                        after_ids=self._ids(after), question_ids=self._ids(question),
+                        pixel_values=self._pixels(frames),
+                        before_ids=bos_ids(template, self.tokenizer) + self._ids(before),
+                        after_ids=self._ids(after), question_ids=self._qformer_ids(question),
                         face_pixels=face_pixels, face_landmarks=landmarks, prior_embeddings=priors)
 
     # ------------------------------------------------------------------ embeddings
@@ -194,28 +208,29 @@ class EmoLlama(nn.Module):
         pixels = torch.cat([x.pixel_values for x in batch]
                            + [x.face_pixels for x in batch if x.face_pixels is not None])
         with torch.no_grad():
-            patches = patch_features(self.vision, pixels.to(self.device, self.dtype))
-        frame_patches, face_patches = patches.split([sum(frame_counts), sum(face_counts)])
+            features = encoder_features(self.vision, pixels.to(self.device, self.dtype),
+                                        self.config.vision_select_layer)
+        frame_features, face_features = features.split([sum(frame_counts), sum(face_counts)])
+        face_patches = patch_grid(face_features)
 
-        questions = [x.question_ids or [self.tokenizer.eos_token_id] for x in batch]
-        length = max(len(q) for q in questions)
-        ids = torch.zeros(len(batch), length, dtype=torch.long, device=self.device)
+        pad = self.qformer_tokenizer.pad_token_id or 0
+        length = max(len(x.question_ids) for x in batch)
+        ids = torch.full((len(batch), length), pad, dtype=torch.long, device=self.device)
         text_mask = torch.zeros(len(batch), length, dtype=torch.long, device=self.device)
-        for i, q in enumerate(questions):
-            ids[i, :len(q)] = torch.tensor(q, device=self.device)
-            text_mask[i, :len(q)] = 1
+        for i, x in enumerate(batch):
+            ids[i, :len(x.question_ids)] = torch.tensor(x.question_ids, device=self.device)
+            text_mask[i, :len(x.question_ids)] = 1
         per_frame = torch.tensor(frame_counts, device=self.device)
-        text = self.llm.get_input_embeddings()(ids).repeat_interleave(
-            per_frame, dim=0, output_size=sum(frame_counts))
+        ids = ids.repeat_interleave(per_frame, dim=0, output_size=sum(frame_counts))
         text_mask = text_mask.repeat_interleave(per_frame, dim=0, output_size=sum(frame_counts))
-        tokens = self.frame_tokens(frame_patches, text, text_mask)
+        tokens = self.frame_tokens(frame_features, ids, text_mask)
 
         media = []
         faces = iter(face_patches.split(face_counts))
         for x, frame_tokens in zip(batch, tokens.split(frame_counts)):
             own_faces = next(faces)
             media.append(frame_tokens.flatten(0, 1))
-            if x.face_pixels is not None:
+            if x.face_pixels is not None and self.fim is not None:
                 face = self.fim(x.prior_embeddings.to(self.device, self.dtype), own_faces,
                                 x.face_landmarks.to(self.device))  # pixel positions stay float32
                 media[-1] = torch.cat([media[-1], face])
@@ -258,12 +273,17 @@ class EmoLlama(nn.Module):
         return self._call_llm(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, **kwargs)
 
     def answer_ids(self, answer: str) -> list[int]:
-        eos = [self.tokenizer.eos_token_id] if self.tokenizer.eos_token_id is not None else []
-        return self._ids(answer) + eos
+        """An answer as trained and scored: its tokens + the template's end token ("</s>" for
+        Vicuna, <|eot_id|> for Llama 3, <|im_end|> for ChatML)."""
+        from core.model.templates import end_token_id, model_template
+
+        return self._ids(answer) + [end_token_id(model_template(self), self.tokenizer)]
 
     def stop_token_ids(self) -> set[int]:
-        """EOS and every end token the LLM's generation config names (e.g. Llama 3's <|eot_id|>)."""
-        ids = {self.tokenizer.eos_token_id}
+        """The template's end tokens, EOS and every end token the LLM's generation config names."""
+        from core.model.templates import model_template, stop_ids
+
+        ids = {self.tokenizer.eos_token_id, *stop_ids(model_template(self), self.tokenizer)}
         base = self.llm.get_base_model() if hasattr(self.llm, "get_base_model") else self.llm
         configured = getattr(getattr(base, "generation_config", None), "eos_token_id", None)
         ids.update(configured if isinstance(configured, list) else [configured])
@@ -300,9 +320,15 @@ class EmoLlama(nn.Module):
 
     # ------------------------------------------------------------------ inference
     @torch.no_grad()
-    def score_labels(self, batch: list[EmoInput], label_set: list[str]) -> list[dict[str, float]]:
+    def score_labels(self, batch: list[EmoInput], label_set: list[str], *,
+                     raw: bool = False) -> list[dict[str, float]]:
         """P(label | media, question) for every label: each option is scored as a complete answer
-        (its tokens + EOS), and the option log-likelihoods are normalised with a softmax.
+        (its tokens + EOS); the option log-likelihoods, combined by `config.label_scoring`
+        ("mean": mean log-prob per token, end token included, so multi-token labels are not
+        penalised for their length; "sum": the joint log-likelihood), are divided by
+        `config.label_temperature` (fitted on a validation split by `python app.py evaluate`;
+        1 = none) and normalised with a softmax. `raw=True` returns the combined option
+        log-likelihoods themselves (before temperature and softmax), the inputs of that fit.
 
         The prompt (media tokens + question) is the long part and the same for every option, so
         it runs once per request; its KV cache is then repeated for the options, which run as
@@ -310,6 +336,11 @@ class EmoLlama(nn.Module):
         """
         if not label_set:
             raise ValueError("score_labels() needs a non-empty label set")
+        rule, temperature = self.config.label_scoring, float(self.config.label_temperature)
+        if rule not in ("mean", "sum"):
+            raise ValueError(f"label_scoring is {rule!r}: use 'mean' (per token) or 'sum'")
+        if not 0 < temperature < float("inf"):  # NaN fails too
+            raise ValueError(f"label_temperature must be a positive number, not {temperature!r}")
         options = [self.answer_ids(label) for label in label_set]
         n, longest = len(options), max(len(ids) for ids in options)
         embeds, prompt_mask = self._left_pad(self.batch_prompt_embeddings(batch))
@@ -332,8 +363,10 @@ class EmoLlama(nn.Module):
         logits = torch.cat([prompt.logits[:, -1:].repeat_interleave(n, 0), answer.logits[:, :-1]], dim=1)
         logprobs = logits.float().log_softmax(-1).gather(-1, targets[..., None]).squeeze(-1)
         totals = (logprobs * valid).sum(-1).reshape(len(batch), n)
-        scores = totals.softmax(dim=-1).cpu()
-        return [dict(zip(label_set, (float(v) for v in row))) for row in scores]
+        if rule == "mean":
+            totals = totals / valid.sum(-1).reshape(len(batch), n)
+        scores = totals if raw else (totals / temperature).softmax(dim=-1)
+        return [dict(zip(label_set, (float(v) for v in row))) for row in scores.cpu()]
 
     @staticmethod
     def _pick(logits: torch.Tensor, do_sample: bool, temperature: float, top_p: float,
@@ -416,6 +449,7 @@ class EmoLlama(nn.Module):
             if self.source_dir and (self.source_dir / part).is_dir() and not (folder / part).exists():
                 # Hard links: a version of a 7B base kept inside its checkpoint costs no disk.
                 shutil.copytree(self.source_dir / part, folder / part, copy_function=_link_or_copy)
+        self.config.qformer_tokenizer = QFORMER_TOKENIZER_DIR  # saved below: the folder is self-contained
         self.config.save(folder)
         state = {k: v.detach().cpu().contiguous() for k, v in self.trainable_modules().state_dict().items()}
         save_file(state, folder / MODULES_FILE)
@@ -431,6 +465,7 @@ class EmoLlama(nn.Module):
         adapter_config.save_pretrained(str(adapter_dir))
         self.tokenizer.save_pretrained(folder / "tokenizer")
         self.image_processor.save_pretrained(folder / "processor")
+        self.qformer_tokenizer.save_pretrained(folder / QFORMER_TOKENIZER_DIR)
         return folder
 
     @classmethod
@@ -464,8 +499,10 @@ class EmoLlama(nn.Module):
                    device: str | torch.device = "cpu") -> "EmoLlama":
         """Base parts named by the config + (when the folder has them) trained weights."""
         from peft import PeftModel, get_peft_model
-        from transformers import AutoImageProcessor, AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoTokenizer
         from transformers.utils import logging as hf_logging
+
+        from core.model.llm import load_causal_lm, load_tokenizer
 
         hf_logging.disable_progress_bar()
 
@@ -480,21 +517,22 @@ class EmoLlama(nn.Module):
 
         quantized = ({"quantization_config": bitsandbytes_config(quantization, dtype),
                       "device_map": {"": str(device)}} if quantization else {})
-        llm = AutoModelForCausalLM.from_pretrained(where(config.llm), dtype=dtype, **quantized)
+        llm = load_causal_lm(where(config.llm), config.llm_gguf_file, dtype=dtype, **quantized)
         vision = load_vision_encoder(where(config.vision), dtype=dtype)
         tokenizer_dir = folder / "tokenizer" if folder is not None and (folder / "tokenizer").exists() else None
-        tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir or where(config.llm)))
-        if not tokenizer.chat_template:
-            tokenizer.chat_template = DEFAULT_CHAT_TEMPLATE
+        tokenizer = load_tokenizer(tokenizer_dir or where(config.llm), None if tokenizer_dir else config.llm_gguf_file)
+        from core.model.templates import resolve_template  # the config's template, or a clear error
+        config.template = resolve_template(config, getattr(llm, "config", None), tokenizer).name
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
         processor_dir = folder / "processor" if folder is not None and (folder / "processor").exists() else None
-        processor = AutoImageProcessor.from_pretrained(str(processor_dir or where(config.vision)))
+        processor = load_image_processor(str(processor_dir or where(config.vision)))
         if folder is not None and (folder / ADAPTER_DIR).exists():
             llm = PeftModel.from_pretrained(llm, str(folder / ADAPTER_DIR), is_trainable=trainable)
         else:
             llm = get_peft_model(llm, lora_config(config))
-        model = cls(config, llm, vision, tokenizer, processor, source_dir=folder)
+        qformer_tokenizer = AutoTokenizer.from_pretrained(where(config.qformer_tokenizer))
+        model = cls(config, llm, vision, tokenizer, processor, qformer_tokenizer, source_dir=folder)
         if folder is not None and (folder / MODULES_FILE).exists():
             model.trainable_modules().load_state_dict(load_file(folder / MODULES_FILE))
         model.trainable_modules().requires_grad_(trainable or folder is None)
@@ -502,7 +540,7 @@ class EmoLlama(nn.Module):
 
     @classmethod
     def from_configs(cls, config: EmoLlamaConfig, llm_config, vision_config, tokenizer,
-                     image_processor) -> "EmoLlama":
+                     image_processor, qformer_tokenizer) -> "EmoLlama":
         """An untrained model from base *configs*, no weights read: under `torch.device("meta")`
         this checks real base models' sizes offline (tests/test_model.py does, for Vicuna-7B +
         CLIP ViT-L/14-336)."""
@@ -510,8 +548,14 @@ class EmoLlama(nn.Module):
         from transformers import AutoModel, AutoModelForCausalLM
 
         llm = get_peft_model(AutoModelForCausalLM.from_config(llm_config), lora_config(config))
-        vision = AutoModel.from_config(vision_config)
-        return cls(config, llm, getattr(vision, "vision_model", vision), tokenizer, image_processor)
+        if vision_config.model_type in EVA_MODEL_TYPES:
+            from transformers import InstructBlipVisionModel
+
+            vision = InstructBlipVisionModel(vision_config)
+        else:
+            vision = AutoModel.from_config(vision_config)
+        return cls(config, llm, getattr(vision, "vision_model", vision), tokenizer, image_processor,
+                   qformer_tokenizer)
 
     # ------------------------------------------------------------------ versions on one base
     def load_version(self, name_or_path: str | Path, trainable: bool = False) -> "EmoLlama":
@@ -523,7 +567,7 @@ class EmoLlama(nn.Module):
         `release()` on a version no longer needed. A version built on another base raises
         ModelLoadError: load that one with `EmoLlama.from_pretrained`.
         """
-        from transformers import AutoImageProcessor, AutoTokenizer
+        from transformers import AutoTokenizer
 
         folder = resolve_checkpoint(name_or_path)
         config = _load_config(folder, name_or_path)
@@ -541,9 +585,12 @@ class EmoLlama(nn.Module):
                     p.data = p.data.to(self.dtype)
             tokenizer = (AutoTokenizer.from_pretrained(str(folder / "tokenizer"))
                          if (folder / "tokenizer").exists() else self.tokenizer)
-            processor = (AutoImageProcessor.from_pretrained(str(folder / "processor"))
+            processor = (load_image_processor(str(folder / "processor"))
                          if (folder / "processor").exists() else self.image_processor)
-            other = type(self)(config, self.llm, self.vision, tokenizer, processor, source_dir=folder,
+            qformer_tokenizer = (AutoTokenizer.from_pretrained(str(folder / QFORMER_TOKENIZER_DIR))
+                                 if (folder / QFORMER_TOKENIZER_DIR).exists() else self.qformer_tokenizer)
+            other = type(self)(config, self.llm, self.vision, tokenizer, processor, qformer_tokenizer,
+                               source_dir=folder,
                                adapter_name=adapter_name, llm_lock=self._llm_lock)
             other.trainable_modules().load_state_dict(load_file(folder / MODULES_FILE))
             other.trainable_modules().to(device=self.device, dtype=self.dtype).requires_grad_(trainable)
@@ -572,12 +619,34 @@ class EmoLlama(nn.Module):
     def token_budget(self, kind: str = "image", num_frames: int = 1, question: str | None = None) -> dict:
         """LLM input positions for one request: media tokens + the prompt's text tokens."""
         from core.model.prompt import category_question
+        from core.model.templates import bos_ids, model_template
 
-        question = question or category_question(self.config.label_set, kind)
-        before, after = split_prompt(self.tokenizer, question)
-        text = len(self._ids(before)) + len(self._ids(after))
+        question = question or category_question(self.config.label_set, kind, self.config)
+        template = model_template(self)
+        before, after = split_prompt(template, question)
+        text = len(bos_ids(template, self.tokenizer)) + len(self._ids(before)) + len(self._ids(after))
         media = self.config.visual_token_budget(num_frames)
         return {"frames": num_frames, "media": media, "text": text, "total": media + text}
+
+
+def pad_to_square(image: np.ndarray, fill: list[int]) -> np.ndarray:
+    """LLaVA's expand2square: the image centred on a square of the processor's mean colour
+    (122, 116, 104 for CLIP), so the centre crop keeps the whole frame."""
+    height, width = image.shape[:2]
+    side = max(height, width)
+    square = np.empty((side, side, 3), dtype=image.dtype)
+    square[:] = fill
+    top, left = (side - height) // 2, (side - width) // 2
+    square[top:top + height, left:left + width] = image
+    return square
+
+
+def load_image_processor(name_or_path: str):
+    """The PIL-backed processor: LLaMA-VID's pixels come from PIL's bicubic resize, which the
+    torchvision backend (transformers' default) does not reproduce."""
+    from transformers import AutoImageProcessor
+
+    return AutoImageProcessor.from_pretrained(name_or_path, backend="pil")
 
 
 def lora_config(config: EmoLlamaConfig):

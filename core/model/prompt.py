@@ -1,15 +1,22 @@
-"""The words around the media: instruction templates, the AGR sentence, the chat layout.
+"""The words around the media: the questions, the AGR sentence, the conversation layout.
 
-The LLM sees   <chat prefix> [media tokens] <AGR sentence> <question> <chat suffix> <answer>
-where [media tokens] are embeddings, not text; everything else goes through the tokenizer's
-chat template, split at MEDIA_MARKER.
+The LLM sees   [BOS] <template prefix> [media tokens] <AGR sentence> <question> <template suffix> <answer>
+where [media tokens] are embeddings, not text; the rest is the checkpoint's conversation template
+(core/model/templates.py) rendered around the user message and split at MEDIA_MARKER, which
+stands where LLaMA-VID puts "<image>". The questions come from the checkpoint's recipe
+(core/model/recipe.py).
 """
 from __future__ import annotations
 
-MEDIA_MARKER = "<media>"
+from core.model.recipe import DEFAULT_CATEGORY_PHRASING
+from core.model.recipe import category_question, conversation_question  # noqa: F401  (re-exported)
+from core.model.templates import MEDIA_MARKER, ConversationTemplate
 
-CATEGORY_QUESTION = ("What is the facial expression of the person in the {medium}? "
-                     "Choose one from the following options: {options}.")
+CATEGORY_QUESTION = DEFAULT_CATEGORY_PHRASING
+# NOT the serving question (that is recipe.conversation_question: the checkpoint's first training
+# phrasing, DEFAULT_CONVERSATION_PHRASINGS[0] by default). Kept, word for word, because the tiny
+# tokenizer learns its merges from it (core/model/build.py tiny_corpus): changing it changes every
+# tiny test checkpoint's vocabulary, hence its random weights.
 CONVERSATION_QUESTION = ("Describe the facial expression of the person in the {medium} and the "
                          "facial evidence for it.")
 
@@ -38,23 +45,14 @@ def agr_sentence(attributes) -> str:
     return f"The person appears to be {article} {phrase}."
 
 
-def category_question(label_set: list[str], medium: str = "image") -> str:
-    return CATEGORY_QUESTION.format(medium=medium, options=", ".join(label_set))
-
-
-def conversation_question(medium: str = "image") -> str:
-    return CONVERSATION_QUESTION.format(medium=medium)
-
-
 def user_message(question: str, attributes=None) -> str:
     """The user turn: media first, then what we know about the person, then the question."""
     parts = [MEDIA_MARKER, agr_sentence(attributes), question.strip()]
     return "\n".join(p for p in parts if p)
 
 
-def split_prompt(tokenizer, question: str, attributes=None) -> tuple[str, str]:
-    """(text before the media, text after it, up to where the assistant's answer starts)."""
-    messages = [{"role": "user", "content": user_message(question, attributes)}]
-    rendered = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    before, after = rendered.split(MEDIA_MARKER, 1)
-    return before, after
+def split_prompt(template: ConversationTemplate, question: str, attributes=None) -> tuple[str, str]:
+    """(text before the media, text after it, up to where the assistant's answer starts).
+
+    BOS is not text: the caller puts the tokenizer's BOS id in front when `template.add_bos`."""
+    return template.split(user_message(question, attributes), MEDIA_MARKER)
