@@ -23,7 +23,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--replay-ratio", type=float,
                    help="earlier training samples replayed per new sample, each epoch (default 0.2)")
     p.add_argument("--checkpoint-every", type=int, help="optimizer steps (default 50)")
-    p.add_argument("--frames", type=int, dest="num_frames", help="frames per video (default 4)")
+    p.add_argument("--frames", type=int, dest="num_frames",
+                   help="frames per video (default: the model's config.json num_frames)")
     p.add_argument("--precision", choices=["auto", "bf16", "fp32"], help="auto: bf16 on GPU (default)")
     p.add_argument("--eval-split", choices=["train", "val", "test"], help="split the gate measures (test)")
     p.add_argument("--gate-margin", type=float, help="allowed UAR drop against the parent (default 0)")
@@ -37,7 +38,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--version", required=True, help="a model version name, or a checkpoint folder")
     p.add_argument("--dataset", required=True)
     p.add_argument("--split", default="test")
-    p.add_argument("--frames", type=int, default=4)
+    p.add_argument("--frames", type=int, default=None,
+                   help="frames per video (default: the model's config.json num_frames)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(handler=evaluate_command)
 
@@ -123,6 +125,10 @@ def evaluate_command(args: argparse.Namespace) -> int:
     if result["rouge_l"] is not None:
         print(f"ROUGE-L vs corrected explanations: {result['rouge_l']:.3f} (n={result['rouge_l_n']})")
     print(f"confusion matrix: {result['confusion_png']}")
+    print(f"calibration: ECE {result['ece']:.4f} at label temperature T={result['temperature']:.3g} "
+          f"(ECE {result['ece_before_temperature']:.4f} at T=1); T {result['temperature_note']}"
+          + ("; written to the checkpoint's config.json" if result.get("temperature_saved") else ""))
+    print(f"reliability diagram: {result['reliability_png']}")
     return 0
 
 

@@ -6,7 +6,9 @@ WAR (weighted average recall) is plain accuracy over samples; UAR (unweighted av
 the mean of the per-class recalls over the classes present in the ground truth. Labels come from
 `score_labels` (one likelihood pass over the dataset's label set), not from parsing text.
 Explanation quality is ROUGE-L (F-measure of the longest common token subsequence) against the
-accepted corrected explanations, where a record has one.
+accepted corrected explanations, where a record has one. Calibration: a label temperature fitted
+on the validation split, stored in the checkpoint's config.json, and the expected calibration
+error (ECE) with a reliability diagram, before and after it (annotation/calibration.py).
 """
 from __future__ import annotations
 
@@ -15,6 +17,9 @@ import re
 from pathlib import Path
 
 import numpy as np
+
+from annotation.calibration import (expected_calibration_error, fit_temperature, nll,  # noqa: F401
+                                    save_reliability_png, softmax)
 
 
 def confusion_matrix(truth: list[str], predicted: list[str], labels: list[str]) -> np.ndarray:
@@ -98,14 +103,25 @@ def report(truth: list[str], predicted: list[str], labels: list[str]) -> dict:
 
 
 def evaluate_version(name_or_folder: str, dataset: str, split: str = "test", url: str | None = None,
-                     num_frames: int = 4, batch_size: int = 8, explanations: int = 16,
-                     record: bool = True, device: str | None = None) -> dict:
+                     num_frames: int | None = None, batch_size: int = 8, explanations: int = 16,
+                     record: bool = True, device: str | None = None,
+                     calibration_split: str | None = "val") -> dict:
     """Score every labelled sample of a dataset split with a model version (a registered name, or
     a checkpoint folder); the summary is stored on the version under "<dataset>/<split>".
 
     Returns dict(uar, war, per_class_recall, confusion, labels, n, confusion_png, rouge_l,
-    rouge_l_n, samples, skipped, version, dataset, split). `samples` fingerprints the evaluated
-    (sample, label) pairs, so two versions' scores are compared only on the same samples.
+    rouge_l_n, samples, skipped, version, dataset, split, label_scoring, temperature,
+    temperature_fitted, temperature_split, temperature_n, temperature_note, temperature_saved,
+    ece, ece_before_temperature, nll, nll_before_temperature, reliability_png). `samples`
+    fingerprints the evaluated (sample, label) pairs, so two versions' scores are compared only
+    on the same samples.
+
+    Calibration: the label temperature T is fitted (annotation/calibration.py) on the
+    `calibration_split` ("val"; None: no fit) by minimising the NLL of the true labels on the
+    model's raw per-option log-likelihoods, and, when `record`, written into the checkpoint's
+    config.json, which every later load applies. With no labelled samples in that split the
+    checkpoint's T is kept (1 unless fitted before) and the report says so. ECE is measured on
+    `split` before (T = 1) and after T (in-sample when `split` is the calibration split).
     `explanations` caps how many accepted corrections get a generated explanation for ROUGE-L
     (generation is the slow part). `device`: default cuda when there is one (bf16), else cpu.
     """
@@ -119,7 +135,7 @@ def evaluate_version(name_or_folder: str, dataset: str, split: str = "test", url
     from core.faces import FaceConfig, shared_analyzer
     from core.media import load_media
     from core.model.modeling import EmoLlama
-    from core.model.prompt import category_question, conversation_question
+    from core.model.recipe import category_question, conversation_question, frames
     from annotation.export import _accepted_corrections
     from db.models import Dataset, Sample
     from db.session import data_dir, session_scope
@@ -131,9 +147,15 @@ def evaluate_version(name_or_folder: str, dataset: str, split: str = "test", url
         if ds is None:
             raise UserError(f"no dataset named {dataset!r}")
         labels = list(ds.label_set)
-        samples = [(x.id, x.media_path, x.label) for x in s.scalars(
-            select(Sample).where(Sample.dataset_id == ds.id, Sample.split == split,
-                                 Sample.label.is_not(None)).order_by(Sample.id))]
+
+        def labelled(name: str) -> list[tuple]:
+            return [(x.id, x.media_path, x.label) for x in s.scalars(
+                select(Sample).where(Sample.dataset_id == ds.id, Sample.split == name,
+                                     Sample.label.is_not(None)).order_by(Sample.id))]
+
+        samples = labelled(split)
+        # Calibration samples are only scored (no explanations, not in the report's metrics).
+        fit_samples = labelled(calibration_split) if calibration_split not in (None, split) else []
         # The references are the corrections an export would ship (reviewed and accepted).
         accepted = {sample_id: explanation for sample_id, (_, explanation, _) in
                     _accepted_corrections(s, ds.id).items() if explanation}
@@ -145,32 +167,42 @@ def evaluate_version(name_or_folder: str, dataset: str, split: str = "test", url
     analyzer = shared_analyzer(FaceConfig(prior=model.config.prior))
     truth, predicted, rouge, skipped, evaluated = [], [], [], [], []
     pending: list[tuple] = []
+    fit_ids = {x[0] for x in fit_samples}
+    scored: dict[str, tuple[list, list]] = {"eval": ([], []), "fit": ([], [])}  # raw scores, truth index
+    fit_skipped: list = []
 
     def flush() -> None:
-        with torch.inference_mode():
-            scores = model.score_labels([p[1] for p in pending], labels)
+        with torch.inference_mode():  # raw: the per-option log-likelihoods, at T = 1
+            scores = model.score_labels([p[1] for p in pending], labels, raw=True)
         for (sample_id, _, label, media, faces), s in zip(pending, scores):
+            rows, truth_idx = scored["fit" if sample_id in fit_ids else "eval"]
+            rows.append([s[x] for x in labels])
+            truth_idx.append(labels.index(label))
+            if sample_id in fit_ids:
+                continue
             truth.append(label)
             predicted.append(max(s, key=s.get))
             if sample_id in accepted and len(rouge) < explanations:
-                x = model.prepare(media.frames, faces, conversation_question(media.kind))
+                x = model.prepare(media.frames, faces, conversation_question(media.kind, model.config))
                 (text,) = model.generate([x])
                 rouge.append(rouge_l(text, accepted[sample_id]))
         pending.clear()
 
-    for sample_id, path, label in samples:
+    for sample_id, path, label in samples + fit_samples:
         if label not in labels:
-            skipped.append((path, f"label {label!r} not in the label set"))
+            (fit_skipped if sample_id in fit_ids else skipped).append((path, f"label {label!r} not in the label set"))
             continue
         try:
-            media = load_media(path, num_frames=num_frames)
+            media = load_media(path, num_frames=frames(model.config, num_frames))
         except UserError as exc:
-            skipped.append((path, str(exc)))
+            (fit_skipped if sample_id in fit_ids else skipped).append((path, str(exc)))
             continue
         faces = [analyzer.analyze(frame) for frame in media.frames]
-        pending.append((sample_id, model.prepare(media.frames, faces, category_question(labels, media.kind)),
+        pending.append((sample_id, model.prepare(media.frames, faces,
+                                                 category_question(labels, media.kind, model.config)),
                         label, media, faces))
-        evaluated.append([sample_id, label])
+        if sample_id not in fit_ids:
+            evaluated.append([sample_id, label])
         if len(pending) >= batch_size:
             flush()
     if pending:
@@ -184,6 +216,17 @@ def evaluate_version(name_or_folder: str, dataset: str, split: str = "test", url
     png = data_dir() / "reports" / f"{stem}-confusion.png"
     result["confusion_png"] = str(save_confusion_png(np.array(result["confusion"]), labels, png,
                                                      f"{name} on {dataset}/{split}"))
+    result.update(calibrate(scored, len(labels), split, calibration_split, model.config.label_temperature,
+                            fit_skipped))
+    result["label_scoring"] = model.config.label_scoring
+    if result["temperature_fitted"] and record:
+        from annotation.versions import save_label_temperature
+
+        result["temperature_saved"] = save_label_temperature(folder, result["temperature"])
+    logits, truth_idx = _arrays(*scored["eval"], len(labels))
+    result["reliability_png"] = str(save_reliability_png(
+        softmax(logits, result["temperature"]), truth_idx, data_dir() / "reports" / f"{stem}-reliability.png",
+        f"{name} on {dataset}/{split}", probs_before=softmax(logits), temperature=result["temperature"]))
     if registered is not None:
         from annotation.versions import record_metrics
 
@@ -191,5 +234,43 @@ def evaluate_version(name_or_folder: str, dataset: str, split: str = "test", url
     return result
 
 
+def _arrays(rows: list, truth_idx: list, n_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    return (np.array(rows, dtype=np.float64).reshape(len(rows), n_classes),
+            np.array(truth_idx, dtype=np.int64).reshape(len(truth_idx)))
+
+
+def calibrate(scored: dict[str, tuple[list, list]], n_classes: int, split: str, calibration_split: str | None,
+              current_temperature: float = 1.0, fit_skipped: list | None = None) -> dict:
+    """The temperature fit and the calibration metrics of a report, from the raw per-option
+    scores: scored["eval"] (the evaluated split) and scored["fit"] (the calibration split,
+    empty when it is the evaluated split itself), each (rows of scores, true class indices)."""
+    logits, truth_idx = _arrays(*scored["eval"], n_classes)
+    fit_logits, fit_truth = scored["eval"] if calibration_split == split else scored["fit"]
+    out = {"temperature_split": calibration_split, "temperature_n": len(fit_truth), "temperature_saved": False}
+    if calibration_split is None:
+        temperature, note = float(current_temperature), "not fitted (no calibration split asked for)"
+    elif not fit_truth:
+        temperature = float(current_temperature)
+        note = (f"not fitted: no labelled {calibration_split!r} samples"
+                + (f" ({len(fit_skipped)} unreadable or off-label)" if fit_skipped else "")
+                + f"; the checkpoint's T = {temperature:.3g} kept")
+    else:
+        temperature = fit_temperature(*_arrays(fit_logits, fit_truth, n_classes))
+        note = f"fitted on {calibration_split} (n={len(fit_truth)})" + (
+            ", the evaluated split itself: in-sample" if calibration_split == split else "")
+    fitted = calibration_split is not None and bool(fit_truth)
+    before, after = softmax(logits), softmax(logits, temperature)
+    out.update(temperature=temperature, temperature_fitted=fitted, temperature_note=note,
+               ece=expected_calibration_error(after, truth_idx),
+               ece_before_temperature=expected_calibration_error(before, truth_idx),
+               nll=nll(logits, truth_idx, temperature), nll_before_temperature=nll(logits, truth_idx))
+    return out
+
+
+SUMMARY_KEYS = ("uar", "war", "per_class_recall", "n", "rouge_l", "confusion_png", "samples", "ece",
+                "ece_before_temperature", "temperature", "temperature_split", "temperature_fitted",
+                "reliability_png")
+
+
 def _summary(result: dict) -> dict:
-    return {k: result[k] for k in ("uar", "war", "per_class_recall", "n", "rouge_l", "confusion_png", "samples")}
+    return {k: result[k] for k in SUMMARY_KEYS if k in result}

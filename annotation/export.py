@@ -57,20 +57,15 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import aliased
 
 from core.errors import UserError
-from core.model.prompt import category_question  # the exact question the model is scored with
+# The questions come from the recipe's defaults (core/model/recipe.py): export runs without a
+# model, and the defaults are every checkpoint's unless its config.json says otherwise; training
+# asks each record with the trained model's own phrasings (recipe.record_question).
+from core.model.recipe import category_question, training_conversation_question
 from db.models import Dataset, ExportSnapshot, Response, Review, Sample, Suggestion, User
 from db.session import data_dir, session_scope
 
 FORMAT = "emo-llama-instructions/1"
 SPLIT_ORDER = {"train": 0, "val": 1, "test": 2}
-# A few phrasings of the free-form question, picked by content hash so every run agrees.
-CONVERSATION_QUESTIONS = [
-    "Describe the facial expression of the person in the {kind} and explain which facial "
-    "cues support your judgement.",
-    "What emotion does the person in the {kind} show? Explain your answer by citing the "
-    "facial evidence (brows, eyes, mouth, action units).",
-    "Analyse the face in the {kind}: which expression is it, and what in the face tells you so?",
-]
 
 
 @dataclass
@@ -143,14 +138,13 @@ def build_records(dataset: str, include_suggestions: bool = False,
             if answers else []
         info = {"name": ds.name, "modality": ds.modality, "label_set": list(ds.label_set)}
     kind = "video" if info["modality"] == "video" else "image"
-    options = ", ".join(info["label_set"])
     records = []
     for sample in sorted(samples, key=lambda s: (SPLIT_ORDER.get(s.split, 9), s.id)):
         label, explanation, source = answers[sample.id]
-        conversation_q = CONVERSATION_QUESTIONS[int(sample.content_hash, 16) % len(CONVERSATION_QUESTIONS)]
+        # A few phrasings of the free-form question, picked by content hash so every run agrees.
         for task, question, answer in (
                 ("category", category_question(info["label_set"], kind), label),
-                ("conversation", conversation_q.format(kind=kind), explanation)):
+                ("conversation", training_conversation_question(kind, sample.content_hash), explanation)):
             records.append({
                 "id": f"{info['name']}-{sample.content_hash[:16]}-{task}",
                 kind: sample.media_path,

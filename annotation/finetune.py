@@ -58,7 +58,7 @@ class TrainOptions:
     seed: int = 0
     checkpoint_every: int = 50    # optimizer steps
     max_steps: int | None = None  # overrides epochs
-    num_frames: int = 4           # frames sampled per video
+    num_frames: int | None = None  # frames sampled per video (None: the model's config.num_frames)
     gradient_checkpointing: bool = False
     precision: str = "auto"       # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32
     eval_split: str = "test"      # the held-out split the publish gate is measured on
@@ -88,7 +88,7 @@ class TrainOptions:
                   (self.replay_ratio >= 0, "replay_ratio must be 0 or more"),
                   (self.checkpoint_every >= 1, "checkpoint_every must be at least 1"),
                   (self.max_steps is None or self.max_steps >= 1, "max_steps must be at least 1"),
-                  (self.num_frames >= 1, "num_frames must be at least 1"),
+                  (self.num_frames is None or self.num_frames >= 1, "num_frames must be at least 1"),
                   (self.precision in ("auto", "bf16", "fp32"), "precision must be auto, bf16 or fp32"),
                   (self.eval_split in ("train", "val", "test"), "eval_split must be train, val or test"),
                   (self.gate_margin >= 0, "gate_margin must be 0 or more"),
@@ -153,7 +153,10 @@ def _resolve_parent(from_version: str | None, url: str | None) -> int:
             base = os.environ.get("EMO_LLAMA_MODEL")
             if not base:
                 raise UserError("nothing to fine-tune: no model version is serving and EMO_LLAMA_MODEL is "
-                                "not set (register a checkpoint: `python app.py versions register DIR`)")
+                                "not set (EMO-LLaMA starts from LLaMA-VID: `python app.py build-model "
+                                "--from-llamavid YanweiLi/llama-vid-7b-full-224-video-fps-1 --eva "
+                                "eva_vit_g.pth --out checkpoints/llamavid-7b`, then `python app.py "
+                                "versions register checkpoints/llamavid-7b`)")
             parent = ensure_registered(base, url)
     with session_scope(url) as s:
         return s.scalar(select(ModelVersion.id).where(ModelVersion.name == parent["name"]))

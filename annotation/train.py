@@ -84,18 +84,30 @@ class TrainingData:
         return [items[i] for i in rng.permutation(len(items))]
 
 
+def _snapshot_records(snapshot: Path) -> list[dict]:
+    """A snapshot's records, each with its snapshot's label set (in memory: the category
+    question is asked again over it with the trained model's recipe)."""
+    from annotation.export import read_records
+
+    manifest = Path(snapshot) / "manifest.json"
+    labels = json.loads(manifest.read_text()).get("label_set") if manifest.exists() else None
+    records = read_records(snapshot)
+    if labels:
+        for r in records:
+            r.setdefault("label_set", labels)
+    return records
+
+
 def load_training_data(snapshot: Path, earlier: list[Path], replay_ratio: float, seed: int) -> TrainingData:
     """Train-split records of `snapshot`; the replay pool is the train records of the `earlier`
     snapshots that this one does not answer anew (a newer correction replaces an older one)."""
-    from annotation.export import read_records
-
-    records = [r for r in read_records(snapshot) if r.get("split", "train") == "train"]
+    records = [r for r in _snapshot_records(snapshot) if r.get("split", "train") == "train"]
     seen = {r["id"] for r in records}
     pool = []
     for path in earlier:
         if path.resolve() == snapshot.resolve():
             continue
-        for r in read_records(path):
+        for r in _snapshot_records(path):
             if r.get("split", "train") == "train" and r["id"] not in seen:
                 seen.add(r["id"])
                 pool.append(r)
@@ -111,10 +123,16 @@ def step_samples(items: list[dict], within: int, per_step: int, world: int) -> l
     return chunk
 
 
-def question_and_answer(record: dict) -> tuple[str, str]:
-    human = next(t["value"] for t in record["conversations"] if t["from"] == "human")
+def question_and_answer(record: dict, config=None) -> tuple[str, str]:
+    """(question, answer) of a record. The question is asked with `config`'s recipe (the trained
+    model's phrasings, core/model/recipe.py), which is what the model is asked at serving time;
+    without a config, or for a record the recipe cannot re-ask, the record's own text."""
+    from core.model.recipe import record_question, record_text_question
+
     answer = next(t["value"] for t in record["conversations"] if t["from"] == "gpt")
-    return human.replace("<image>", "").replace("<video>", "").strip(), answer
+    if config is None:
+        return record_text_question(record), answer
+    return record_question(record, config, record.get("label_set")), answer
 
 
 # ====================================================================== 2. the model
@@ -194,6 +212,7 @@ def train_job(job_id: int, resume: bool = False, url: str | None = None) -> int:
     from annotation.versions import find_version, models_dir
     from core.faces import FaceConfig, shared_analyzer
     from core.media import load_media
+    from core.model.recipe import frames as recipe_frames
 
     with session_scope(url) as s:
         job = s.get(FinetuneJob, job_id)
@@ -279,12 +298,15 @@ def train_job(job_id: int, resume: bool = False, url: str | None = None) -> int:
         analyzer = shared_analyzer(FaceConfig(prior=core.config.prior))
         faces_cache: dict[str, list] = {}
 
+        # Frames per video: the option when given, else the recipe of the model being trained.
+        num_frames = recipe_frames(core.config, opts.num_frames)
+
         def example(record: dict):
             path = record.get("image") or record.get("video")
-            media = load_media(path, num_frames=opts.num_frames)
+            media = load_media(path, num_frames=num_frames)
             if path not in faces_cache:
                 faces_cache[path] = [analyzer.analyze(frame) for frame in media.frames]
-            question, answer = question_and_answer(record)
+            question, answer = question_and_answer(record, core.config)
             return core.prepare(media.frames, faces_cache[path], question), answer
 
         def stop_requested() -> bool:
@@ -399,6 +421,7 @@ def write_version(core, weights: dict | None, name: str, parent: dict, bf16: boo
     tmp = models_dir() / f".tmp-{name}"
     shutil.rmtree(tmp, ignore_errors=True)
     core.config.parent_version = parent["name"]
+    core.config.label_temperature = 1.0   # the parent's fit does not carry over: evaluation fits anew
     core.save_pretrained(tmp, version=name)
     final = models_dir() / name
     if final.exists():

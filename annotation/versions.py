@@ -105,6 +105,27 @@ def record_metrics(name: str, metrics: dict, url: str | None = None) -> None:
             row.metrics = {**(row.metrics or {}), **metrics}
 
 
+def save_label_temperature(folder: str | Path, temperature: float) -> bool:
+    """Write a fitted label temperature into a checkpoint's config.json (`label_temperature`),
+    which every later load (the engine's included) applies to its label probabilities. Only a
+    local checkpoint folder is written (never a hub cache); False when there is none. The file is
+    replaced atomically, so a concurrent load reads the old or the new config, never half."""
+    import os
+    import tempfile
+
+    from core.model.config import CONFIG_NAME, EmoLlamaConfig
+
+    path = Path(str(folder))
+    if not (path / CONFIG_NAME).is_file() or (path / CONFIG_NAME).is_symlink():
+        return False
+    config = EmoLlamaConfig.load(path)
+    config.label_temperature = float(temperature)
+    with tempfile.TemporaryDirectory(dir=path, prefix=".config-") as tmp:
+        config.save(tmp)
+        os.replace(Path(tmp, CONFIG_NAME), path / CONFIG_NAME)
+    return True
+
+
 def gate(candidate: dict, parent: dict | None, key: str, margin: float) -> tuple[bool, str]:
     """Publish only if the candidate's UAR on `key` (dataset/split) is no worse than its parent's
     minus `margin`, both measured on the same samples. The default margin is 0: a version that is

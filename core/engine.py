@@ -30,13 +30,14 @@ import threading
 import time
 from collections import Counter, deque
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
 from core.errors import UserError
 from core.faces import FaceConfig, shared_analyzer
 from core.media import DEFAULT_LIMITS, MediaLimits, load_media
+from core.model.recipe import frames as recipe_frames
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +64,9 @@ class EngineConfig:
     max_queue: int = 64
     request_timeout_s: float = 120.0
     preprocess_workers: int = 2
-    num_frames: int = 8
+    # None: the serving checkpoint's recipe (config.json num_frames / max_new_tokens), so videos are
+    # sampled as the version was trained; a number (--frames, --max-new-tokens) overrides it.
+    num_frames: int | None = None
     max_new_tokens: int | None = None
     limits: MediaLimits = field(default_factory=lambda: DEFAULT_LIMITS)
     device: str = "auto"
@@ -94,9 +97,11 @@ class _Request:
 
 class Engine:
     def __init__(self, model: str | None = None, config: EngineConfig | None = None):
-        self.config = config or EngineConfig()
+        self.config = replace(config or EngineConfig())  # num_frames is filled in below: a copy
+        self._frames_override = self.config.num_frames
         self.device, self.dtype = _pick_device(self.config.device)
         self._model = self._load(model) if model else None
+        self._apply_recipe(self._model)
         # Face embeddings must come from the prior network the checkpoint was trained with.
         prior = self._model.config.prior if self._model is not None else FaceConfig().prior
         self.faces = shared_analyzer(FaceConfig(prior=prior))
@@ -116,6 +121,10 @@ class Engine:
         self._thread.start()
 
     # ------------------------------------------------------------------ model versions
+    def _apply_recipe(self, model) -> None:
+        """Frames per video: the override, else the serving checkpoint's (8 in prior-only mode)."""
+        self.config.num_frames = recipe_frames(getattr(model, "config", None), self._frames_override)
+
     def _load(self, name_or_path: str):
         from core.model.modeling import EmoLlama
 
@@ -145,6 +154,7 @@ class Engine:
             model.config.version = name
         with self._swap_lock:
             old, self._model = self._model, model
+            self._apply_recipe(model)
             if old is not None and getattr(old, "llm", None) is getattr(model, "llm", object()):
                 self._retired.append(old)
         log.info("now serving %s", self.info["model_version"])
@@ -240,7 +250,9 @@ class Engine:
             return self._finish(request, "cancelled", None)
         try:
             started = time.perf_counter()
-            media = load_media(request.media, num_frames=self.config.num_frames, limits=self.config.limits)
+            model = self._model  # frames are sampled as this version was trained (its recipe)
+            num_frames = recipe_frames(getattr(model, "config", None), self._frames_override)
+            media = load_media(request.media, num_frames=num_frames, limits=self.config.limits)
             decoded = time.perf_counter()
             faces = [self.faces.analyze(frame) for frame in media.frames]
             analysed = time.perf_counter()
@@ -250,16 +262,17 @@ class Engine:
                                                  ("width", "height", "frame_count", "fps", "duration_s")
                                                  if k in media.meta}},
                 "timings_ms": {"decode": _ms(started, decoded), "faces": _ms(decoded, analysed)}}
-            model = self._model
             if model is None:
                 return self._finish(request, "done", self._prior_only(request, faces))
-            from core.model.prompt import category_question, conversation_question
+            from core.model.recipe import category_question, conversation_question
 
             labels = request.label_set or model.config.label_set
             request.label_set = labels
-            request.score_input = model.prepare(media.frames, faces, category_question(labels, media.kind))
+            request.score_input = model.prepare(media.frames, faces,
+                                                category_question(labels, media.kind, model.config))
             if request.explain:
-                text_question = request.question or conversation_question(media.kind)
+                # The checkpoint's first training phrasing: asked as it was trained.
+                text_question = request.question or conversation_question(media.kind, model.config)
                 request.text_input = model.prepare(media.frames, faces, text_question)
             request.result["timings_ms"]["prepare"] = _ms(analysed, time.perf_counter())
             request.ready = time.perf_counter()

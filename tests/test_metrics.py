@@ -42,3 +42,27 @@ def test_rouge_l_by_hand():
 def test_confusion_png_is_written(tmp_path):
     path = save_confusion_png(FIXED, LABELS, tmp_path / "cm.png", "test")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_the_report_calibration_fits_on_the_calibration_split_and_says_when_it_cannot():
+    from annotation.calibration import fit_temperature
+    from annotation.evaluate import _summary, calibrate
+
+    rng = np.random.default_rng(0)
+    test = (rng.normal(0, 2, (40, 3)).tolist(), rng.integers(0, 3, 40).tolist())
+    val = (rng.normal(0, 2, (30, 3)).tolist(), rng.integers(0, 3, 30).tolist())
+    fitted = calibrate({"eval": test, "fit": val}, 3, "test", "val")
+    assert fitted["temperature"] == fit_temperature(np.array(val[0]), np.array(val[1]))
+    assert fitted["temperature_fitted"] and fitted["temperature_n"] == 30
+    assert fitted["temperature_note"] == "fitted on val (n=30)"
+    in_sample = calibrate({"eval": val, "fit": ([], [])}, 3, "val", "val")
+    assert in_sample["temperature"] == fitted["temperature"] and "in-sample" in in_sample["temperature_note"]
+    kept = calibrate({"eval": test, "fit": ([], [])}, 3, "test", "val", current_temperature=1.5)
+    assert not kept["temperature_fitted"] and kept["temperature"] == 1.5
+    assert "no labelled 'val' samples" in kept["temperature_note"]
+    assert kept["ece"] != kept["ece_before_temperature"]   # ECE at the checkpoint's T vs at T = 1
+    result = {**report(["neutral"], ["neutral"], LABELS), **fitted, "rouge_l": None, "confusion_png": "c.png",
+              "samples": "x", "reliability_png": "r.png"}
+    summary = _summary(result)
+    assert {"ece", "ece_before_temperature", "temperature", "reliability_png"} <= set(summary)
+    assert "per_class_recall" in _summary({k: v for k, v in result.items() if k != "ece"})  # older reports

@@ -263,6 +263,10 @@ def evaluate(token: str | None, version: str | None, dataset: str | None, split:
                f"**{report['uar']:.3f}** · WAR **{report['war']:.3f}** · {report['n']} samples")
     if isinstance(report.get("rouge_l"), (int, float)):
         summary += f" · ROUGE-L {report['rouge_l']:.3f} on {report['rouge_l_n']} explanations"
+    if isinstance(report.get("ece"), (int, float)):
+        summary += (f" · ECE {report['ece']:.3f} at label temperature {report['temperature']:.3g} "
+                    f"(ECE {report['ece_before_temperature']:.3f} at T = 1; T "
+                    f"{html.escape(str(report.get('temperature_note', '')))})")
     if report.get("skipped"):
         summary += f" · {len(report['skipped'])} skipped (unreadable or off-label)"
     rows = versions()
