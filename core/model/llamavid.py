@@ -119,18 +119,9 @@ def convert_llamavid(source: str, out: str | Path, *, eva: str | None = None, be
 # ---------------------------------------------------------------------- finding the parts
 def resolve_release(source: str) -> Path:
     """A local folder, or a hub id fetched (or read from the cache) with huggingface_hub."""
-    path = Path(source)
-    if path.is_dir():
-        return path
-    if path.exists() or str(source).startswith((".", "/")) or str(source).count("/") != 1:
-        raise UserError(f"{source}: no such LLaMA-VID release folder")
-    try:
-        from huggingface_hub import snapshot_download
+    from core.model.modeling import local_or_hub
 
-        return Path(snapshot_download(str(source)))
-    except Exception as exc:
-        raise UserError(f"{source}: cannot fetch from the Hugging Face hub ({type(exc).__name__}); "
-                        "pass a local folder instead") from None
+    return local_or_hub(source, "LLaMA-VID release folder", UserError)
 
 
 def resolve_local(path: str, what: str, flag: str) -> Path:

@@ -99,6 +99,7 @@ class EmoLlama(nn.Module):
         self.config, self.llm, self.vision = config, llm, vision
         self.tokenizer, self.image_processor = tokenizer, image_processor
         self.qformer_tokenizer = qformer_tokenizer
+        qformer_tokenizer.truncation_side = "left"
         self.source_dir = Path(source_dir) if source_dir else None
         # Versions loaded with load_version() share `llm` (one peft model, one adapter each) and
         # this lock: every LLM call activates its own adapter under it.
@@ -145,10 +146,9 @@ class EmoLlama(nn.Module):
 
     def _qformer_ids(self, question: str) -> list[int]:
         """The instruction as the Q-Former reads it: lower-cased WordPiece, [CLS] ... [SEP],
-        truncated from the left (LLaMA-VID keeps the end of a long instruction)."""
-        tokenizer = self.qformer_tokenizer
-        tokenizer.truncation_side = "left"
-        return tokenizer(question, truncation=True, max_length=self.config.qformer_max_text)["input_ids"]
+        truncated from the left (set in __init__: LLaMA-VID keeps the end of a long instruction)."""
+        return self.qformer_tokenizer(question, truncation=True,
+                                      max_length=self.config.qformer_max_text)["input_ids"]
 
     def _prior_vector(self, face) -> np.ndarray:
         embedding = getattr(face, "embedding", None)
@@ -666,16 +666,23 @@ def _load_config(folder: Path, name_or_path) -> EmoLlamaConfig:
 def resolve_checkpoint(name_or_path: str | Path) -> Path:
     """A local folder as-is; otherwise a hub id fetched (or read from the cache) by huggingface_hub."""
     path = Path(name_or_path)
+    if path.is_dir() and not (path / CONFIG_NAME).exists():
+        raise ModelLoadError(f"{path}: no {CONFIG_NAME}; build one with `python app.py build-model`")
+    return local_or_hub(name_or_path, "checkpoint folder", ModelLoadError)
+
+
+def local_or_hub(name_or_path: str | Path, what: str, error: type[Exception]) -> Path:
+    """A local folder as-is; "org/name" a hub repository fetched (or read from the cache) by
+    huggingface_hub; anything else, or a failed fetch, raises `error` in one line."""
+    path = Path(name_or_path)
     if path.is_dir():
-        if not (path / CONFIG_NAME).exists():
-            raise ModelLoadError(f"{path}: no {CONFIG_NAME}; build one with `python app.py build-model`")
         return path
     if path.exists() or str(name_or_path).startswith((".", "/")) or str(name_or_path).count("/") != 1:
-        raise ModelLoadError(f"{name_or_path}: no such checkpoint folder")
+        raise error(f"{name_or_path}: no such {what}")
     try:
         from huggingface_hub import snapshot_download
 
         return Path(snapshot_download(str(name_or_path)))
     except Exception as exc:
-        raise ModelLoadError(f"{name_or_path}: cannot fetch from the Hugging Face hub "
-                             f"({type(exc).__name__}); pass a local folder instead") from None
+        raise error(f"{name_or_path}: cannot fetch from the Hugging Face hub "
+                    f"({type(exc).__name__}); pass a local folder instead") from None
