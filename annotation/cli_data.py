@@ -22,17 +22,18 @@ from __future__ import annotations
 import argparse
 import getpass
 import json
+import os
 import sys
 
 from core.errors import UserError
 
-FORMATS = ("rafdb", "affectnet", "ferplus", "dfew", "ferv39k", "mafw", "folder", "csv")
+FORMATS = ("rafdb", "affectnet", "ferplus", "dfew", "ferv39k", "mafw", "folder", "csv", "fer2013")
 ROLES = ("viewer", "annotator", "reviewer", "admin")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("import", help="import a FER dataset (re-running adds only new files)")
-    p.add_argument("path", help="the dataset's folder (a CSV file for --format csv)")
+    p.add_argument("path", help="the dataset's folder (a CSV file for --format csv or fer2013)")
     p.add_argument("--format", required=True, choices=FORMATS, dest="fmt")
     p.add_argument("--name", help="dataset name (default: the format, or the folder/CSV name)")
     p.add_argument("--fold", type=int, default=1,
@@ -41,6 +42,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="AffectNet: 8 classes with contempt (default) or the basic 7")
     p.add_argument("--min-submitted", type=int,
                    help="annotators wanted per record (default 1; 2+ to measure agreement)")
+    p.add_argument("--split", choices=("train", "val", "test"),
+                   help="the split of samples whose layout names none (a folder without "
+                        "train/ val/ test/ sub-folders, CSV rows without a split); where the "
+                        "layout names splits, import only this one")
+    p.add_argument("--aligned", action=argparse.BooleanOptionalAction, default=None,
+                   help="the images are face crops (detection is skipped); default: on for "
+                        "fer2013, ferplus and RAF-DB's aligned/ images, off otherwise")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.set_defaults(handler=import_command)
@@ -117,7 +125,13 @@ def _register_annotate(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _print(args: argparse.Namespace, payload, text: str) -> None:
-    print(json.dumps(payload, indent=2, ensure_ascii=False) if args.json else text)
+    try:
+        print(json.dumps(payload, indent=2, ensure_ascii=False) if args.json else text, flush=True)
+    except BrokenPipeError:
+        # `import ... | head`: the reader has all it wanted. Point stdout at /dev/null so the
+        # interpreter's final flush does not print a traceback either.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
 
 
 def import_command(args: argparse.Namespace) -> int:
@@ -127,7 +141,8 @@ def import_command(args: argparse.Namespace) -> int:
     init_db()
     summary = import_dataset(args.fmt, args.path, args.name, progress=not (args.quiet or args.json),
                              fold=args.fold, label_set=args.label_set,
-                             min_submitted=args.min_submitted)
+                             min_submitted=args.min_submitted, split=args.split,
+                             aligned=args.aligned)
     _print(args, summary.to_dict(), format_summary(summary))
     return 0
 
@@ -225,9 +240,14 @@ def export_command(args: argparse.Namespace) -> int:
     snap = export_dataset(args.dataset, args.out, include_suggestions=args.include_suggestions)
     counts = ", ".join(f"{k} {v}" for k, v in snap.counts.items())
     state = "unchanged since" if snap.reused else "written as"
+    where = f"  {snap.path}"
+    if snap.copied_from:   # nothing new to write: the files asked for are a copy of the snapshot
+        where += f"\n  (copied from {snap.copied_from})"
+    elif snap.reused:
+        where += "\n  (nothing new written: the existing snapshot)"
     _print(args, snap.to_dict(),
            f"{snap.dataset}: {snap.n_samples} samples ({counts}) {state} snapshot #{snap.id}\n"
-           f"  {snap.path}\n  hash {snap.content_hash}")
+           f"{where}\n  hash {snap.content_hash}")
     return 0
 
 

@@ -35,11 +35,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=finetune_command)
 
     p = subparsers.add_parser("evaluate", help="UAR/WAR, per-class recall and confusion matrix")
-    p.add_argument("--version", required=True, help="a model version name, or a checkpoint folder")
+    p.add_argument("--version", required=True,
+                   help="prior-only (the embedded default: no checkpoint), a model version name, "
+                        "or a checkpoint folder")
     p.add_argument("--dataset", required=True)
     p.add_argument("--split", default="test")
     p.add_argument("--frames", type=int, default=None,
                    help="frames per video (default: the model's config.json num_frames)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     p.add_argument("--json", action="store_true")
     p.set_defaults(handler=evaluate_command)
 
@@ -114,21 +117,51 @@ def evaluate_command(args: argparse.Namespace) -> int:
     from db.session import init_db
 
     init_db()
-    result = evaluate_version(args.version, args.dataset, args.split, num_frames=args.frames)
+    bar = None
+
+    def progress(done: int, total: int) -> None:
+        nonlocal bar
+        if bar is None:  # stderr, so that --json output stays one clean document
+            from tqdm import tqdm
+
+            bar = tqdm(total=total, desc=f"evaluate {args.version}", unit="sample", file=sys.stderr,
+                       mininterval=0.5, dynamic_ncols=True)
+        bar.update(done - bar.n)
+
+    try:
+        result = evaluate_version(args.version, args.dataset, args.split, num_frames=args.frames,
+                                  progress=None if args.no_progress else progress)
+    finally:
+        if bar is not None:
+            bar.close()
     if args.json:
         print(json.dumps(result, indent=2))
         return 0
     print(f"{result['version']} on {args.dataset}/{args.split}: UAR {result['uar']:.4f}  WAR {result['war']:.4f}"
           f"  (n={result['n']})")
+    if result.get("no_face"):
+        how = ("no label: counted as misses" if result.get("unanswered")
+               else "the model answered from the whole frame")
+        print(f"no face found in {result['no_face']} of {result['n']} samples ({how})")
     for label, recall in result["per_class_recall"].items():
         print(f"  {label:15s} {'-' if recall is None else f'{recall:.3f}'}")
+    labels = result["labels"]
+    width = max(len(x) for x in labels)
+    print("confusion (rows: true, columns: predicted" + (", last: no face)" if result.get("unanswered") else ")"))
+    for label, row in zip(labels, result["confusion"]):
+        extra = f" {result['unanswered_by_class'][label]:5d}" if result.get("unanswered") else ""
+        print(f"  {label:{width}s} " + " ".join(f"{v:5d}" for v in row) + extra)
     if result["rouge_l"] is not None:
         print(f"ROUGE-L vs corrected explanations: {result['rouge_l']:.3f} (n={result['rouge_l_n']})")
     print(f"confusion matrix: {result['confusion_png']}")
-    print(f"calibration: ECE {result['ece']:.4f} at label temperature T={result['temperature']:.3g} "
-          f"(ECE {result['ece_before_temperature']:.4f} at T=1); T {result['temperature_note']}"
-          + ("; written to the checkpoint's config.json" if result.get("temperature_saved") else ""))
-    print(f"reliability diagram: {result['reliability_png']}")
+    if result.get("ece") is not None:
+        print(f"calibration: ECE {result['ece']:.4f} at label temperature T={result['temperature']:.3g} "
+              f"(ECE {result['ece_before_temperature']:.4f} at T=1); T {result['temperature_note']}"
+              + ("; written to the checkpoint's config.json" if result.get("temperature_saved") else ""))
+    if result.get("reliability_png"):
+        print(f"reliability diagram: {result['reliability_png']}")
+    if result.get("skipped"):
+        print(f"skipped: {len(result['skipped'])} (unreadable or off-label; in --json)")
     return 0
 
 

@@ -41,7 +41,9 @@ token is "<image>" for videos too (LLaMA-VID's convention: frames are image toke
 
 The content hash is sha256 over the dataset name, the include-suggestions flag and the JSONL
 bytes, so the same data gives the same folder, byte for byte, and a second export of unchanged
-data returns the existing snapshot instead of writing a new one.
+data returns the existing snapshot instead of writing a new one. Asked for another `out`
+folder, it copies that snapshot there (`copied_from` says from where): whoever asked for files
+in a folder finds them there. The registered snapshot keeps its first folder.
 """
 from __future__ import annotations
 
@@ -79,12 +81,14 @@ class Snapshot:
     counts: dict = field(default_factory=dict)   # split -> samples
     sources: dict = field(default_factory=dict)  # correction / suggestion -> samples
     reused: bool = False                         # unchanged data: an existing snapshot
+    copied_from: Path | None = None              # reused and copied now into the `out` asked for
 
     def to_dict(self) -> dict:
         return {"id": self.id, "path": str(self.path), "content_hash": self.content_hash,
                 "n_samples": self.n_samples, "dataset": self.dataset,
                 "include_suggestions": self.include_suggestions, "counts": self.counts,
-                "sources": self.sources, "reused": self.reused}
+                "sources": self.sources, "reused": self.reused,
+                "copied_from": str(self.copied_from) if self.copied_from else None}
 
 
 def _accepted_corrections(session, dataset_id: int) -> dict[int, tuple[str, str, str]]:
@@ -151,7 +155,10 @@ def build_records(dataset: str, include_suggestions: bool = False,
                 "conversations": [{"from": "human", "value": f"<image>\n{question}"},
                                   {"from": "gpt", "value": answer}],
                 "split": sample.split, "label": label, "task": task, "sample_id": sample.id,
-                "content_hash": sample.content_hash, "source": source})
+                "content_hash": sample.content_hash, "source": source,
+                # A face crop is analysed as one (training: no detection); absent otherwise, so
+                # the exports of other datasets stay byte-identical.
+                **({"aligned": True} if (sample.meta or {}).get("aligned") else {})})
     return info, records
 
 
@@ -195,14 +202,21 @@ def export_dataset(dataset: str, out: str | os.PathLike | None = None,
                 "content_hash": content_hash, "n_samples": len(samples), "counts": counts,
                 "sources": sources, "files": {"jsonl": "instructions.jsonl", "hf": "hf"}}
 
-    out = Path(out).expanduser() if out else data_dir() / "exports"
+    explicit_out = out is not None and str(out) != ""
+    out = Path(out).expanduser() if explicit_out else data_dir() / "exports"
     with session_scope(url) as session:
         ds_id = session.scalars(select(Dataset.id).where(Dataset.name == info["name"])).one()
         existing = session.scalars(select(ExportSnapshot)
                                    .where(ExportSnapshot.content_hash == content_hash)).first()
         if existing is not None and (Path(existing.path) / "manifest.json").exists():
-            return Snapshot(existing.id, Path(existing.path), content_hash, existing.n_samples,
-                            info["name"], bool(include_suggestions), counts, sources, reused=True)
+            source = Path(existing.path)
+            path, copied_from = source, None
+            if explicit_out:
+                path, copied = _copy_into(source, out)
+                copied_from = source if copied else None
+            return Snapshot(existing.id, path, content_hash, existing.n_samples, info["name"],
+                            bool(include_suggestions), counts, sources, reused=True,
+                            copied_from=copied_from)
         folder = (out / f"{info['name']}-{content_hash[:12]}").resolve()
         if not (folder / "manifest.json").exists():
             # Write beside the target and rename: readers never see half a snapshot.
@@ -230,6 +244,30 @@ def export_dataset(dataset: str, out: str | os.PathLike | None = None,
                                        .where(ExportSnapshot.content_hash == content_hash)).one()
         return Snapshot(existing.id, folder, content_hash, len(samples), info["name"],
                         bool(include_suggestions), counts, sources)
+
+
+def _copy_into(source: Path, out: Path) -> tuple[Path, bool]:
+    """(`out/<name of source>`, whether it was copied now): the snapshot copied unless there.
+
+    Copied beside the target and renamed, like a fresh export: nobody sees half a copy. An
+    existing folder of that name with a manifest is the same content (the name holds the hash).
+    """
+    target = (out / source.name).resolve()
+    if target == source.resolve() or (target / "manifest.json").exists():
+        return target, False
+    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(source, tmp)
+        os.replace(tmp, target)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not (target / "manifest.json").exists():   # not a twin copy winning the race
+            raise UserError(f"cannot copy snapshot {source.name} into {out}: "
+                            f"{exc.strerror or exc}") from None
+        return target, False
+    return target, True
 
 
 def resolve_snapshot(ref: str | int, url: str | None = None) -> Path:

@@ -267,6 +267,17 @@ def read_events(job_id: int, since: int = 0, url: str | None = None) -> list[dic
         return _parse(f.read().splitlines()[since:])
 
 
+def loss_curve(events: list[dict]) -> list[tuple[int, float]]:
+    """(step, loss) once per step, in step order. A resumed job repeats the steps after its
+    checkpoint and logs them again (the log is append-only, so followers can read it by line);
+    the later entry is the one the finished run stands on, so it wins."""
+    latest: dict[int, float] = {}
+    for e in events:
+        if e.get("event") == "step" and e.get("loss") is not None:
+            latest[int(e["step"])] = float(e["loss"])
+    return sorted(latest.items())
+
+
 def _recent_events(path: Path, size: int = 65536) -> list[dict]:
     """The last events of a log, without reading a long job's whole log on every poll."""
     if not path.exists():

@@ -23,6 +23,10 @@ The SDK is `google-genai` (the maintained successor of `google-generativeai`), u
 `GenAIClient`; the rest of the module talks to the small `GeminiClient` interface. The API key
 comes from GEMINI_API_KEY or GOOGLE_API_KEY and is never logged, stored or put in an error.
 
+Whole datasets at about half the price: Gemini's Batch API, `generate --batch`
+(annotation/gemini_batch.py) sends these same requests as one JSONL job; samples in an open
+batch are left out of online runs.
+
 Reading order: settings and prices, the client, prompts, validation, rate limiter, retries,
 media, the batch job, on-demand explanations.
 """
@@ -576,6 +580,7 @@ class Summary:
     selected: int = 0
     skipped: int = 0                # already had a suggestion for (source, prompt version)
     unlabelled: int = 0             # no ground truth: nothing to generate from
+    in_batch: int = 0               # left to an open Batch API job (annotation/gemini_batch.py)
     ok: int = 0
     rejected_by_reason: Counter = field(default_factory=Counter)
     failed_by_reason: Counter = field(default_factory=Counter)
@@ -590,7 +595,8 @@ class Summary:
         return {
             "dataset": self.dataset, "model": self.model, "source": self.source,
             "prompt_version": self.prompt_version, "selected": self.selected,
-            "skipped": self.skipped, "unlabelled": self.unlabelled, "ok": self.ok,
+            "skipped": self.skipped, "unlabelled": self.unlabelled, "in_batch": self.in_batch,
+            "ok": self.ok,
             "rejected": sum(self.rejected_by_reason.values()),
             "rejected_by_reason": dict(self.rejected_by_reason.most_common()),
             "failed": sum(self.failed_by_reason.values()),
@@ -606,8 +612,9 @@ class Summary:
 
 
 def _select(session, dataset, source: str, retry_rejected: bool, limit: int | None,
-            summary: Summary) -> list[Item]:
-    """The samples still to do, in id order; counts the ones already done."""
+            summary: Summary, exclude: set[int] | frozenset = frozenset()) -> list[Item]:
+    """The samples still to do, in id order; counts the ones already done. `exclude`: samples
+    an open Batch API job is answering (asking them online too would pay twice)."""
     from sqlalchemy import select
 
     from db.models import Sample, Suggestion
@@ -620,6 +627,9 @@ def _select(session, dataset, source: str, retry_rejected: bool, limit: int | No
     items = []
     for sample in session.scalars(select(Sample).where(Sample.dataset_id == dataset.id)
                                   .order_by(Sample.id)):
+        if sample.id in exclude:
+            summary.in_batch += 1
+            continue
         previous = done.get(sample.id)
         if previous and not (retry_rejected and previous[1] == "rejected"):
             summary.skipped += 1
@@ -743,7 +753,10 @@ def run_generation(dataset: str, limit: int | None = None, model: str | None = N
         if ds is None:
             raise UserError(f"unknown dataset {dataset!r}: import it first (python app.py import)")
         label_set = list(ds.label_set)
-        items = _select(session, ds, source, retry_rejected, limit, summary)
+        from annotation.gemini_batch import open_batch_samples
+
+        items = _select(session, ds, source, retry_rejected, limit, summary,
+                        open_batch_samples(session, ds.id, source))
     summary.selected = len(items)
     schema = response_schema(label_set)
     limiter = RateLimiter(rpm, tpm)

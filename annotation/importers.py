@@ -14,8 +14,11 @@ Formats (see shared/DATASETS.md for the layouts):
     dfew       EmoLabel_DataSplit/{train,test}(single-labeled)/set_K.csv + clips (mp4 or frame folders)
     ferv39k    4_setups/All_scenes/{train,test}_All.csv + 2_ClipsforFaceCrop/<scene>/<label>/<clip>/
     mafw       Train & Test Set/single/no_caption/set_K/{train,test}.txt + data/clips or data/frames
-    folder     ROOT/<label>/<files or frame folders>, or ROOT/<split>/<label>/...
+    folder     ROOT/<label>/<files or frame folders>, or ROOT/<split>/<label>/... (split folders
+               train/ val|valid|validation|PublicTest/ test|PrivateTest/, also FER2013Train-style)
     csv        path,label[,split] (header optional; paths relative to the CSV's folder)
+    fer2013    the original fer2013.csv (emotion,pixels,Usage): each row's 48x48 pixels are
+               written once as a PNG under <data dir>/datasets/<name>/<split>/
 
 Every format reads into the same list of `Entry`s (media path, canonical label, split, meta) or
 `(where, reason)` for a row it could not use; `_ingest` then checks each file decodes, hashes
@@ -26,6 +29,18 @@ aborts an import: it is listed in `ImportSummary.broken` with the reason.
 Five-fold video datasets (DFEW, MAFW) store each clip once: `meta["fold"]` is the fold whose
 test list holds it, and `split` is "test" for the fold chosen with `fold=` (default 1), "train"
 otherwise, so evaluation can report one fold or loop over `meta.fold` for all five.
+
+`split=` ("train", "val" or "test") is the split of samples whose layout names none (a folder
+without split sub-folders, CSV rows without a split cell, a FER2013 CSV without Usage) and
+imports only that split where the layout names splits. `meta["aligned"] = True` marks a face
+crop (the engine then skips detection): the default for fer2013, FERPlus (the same crops) and
+RAF-DB's aligned images; `aligned=True/False` sets it for every sample of an import, and a
+re-import updates it on samples already in the store.
+
+Safety: an error message never carries more of a file than a short escaped excerpt of one cell
+(`_quote`), because the file may not be a dataset at all (an admin pointed at /proc/self/environ).
+`confined=True` (the web app) accepts only paths inside `import_roots()`, and no import reads the
+store's own private files (`store_private_paths()`: the database, the secret key, backups).
 """
 from __future__ import annotations
 
@@ -35,7 +50,7 @@ import io
 import os
 import re
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,7 +59,8 @@ from core.errors import MediaError, UserError
 from core.labels import BASIC7, CANONICAL, LABEL_SETS, MAFW11, WITH_CONTEMPT8, normalize_label
 from core.media import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS
 
-FORMATS = ("rafdb", "affectnet", "ferplus", "dfew", "ferv39k", "mafw", "folder", "csv")
+FORMATS = ("rafdb", "affectnet", "ferplus", "dfew", "ferv39k", "mafw", "folder", "csv", "fer2013")
+FILE_FORMATS = {"csv", "fer2013"}   # formats whose path may be one file rather than a folder
 SPLITS = ("train", "val", "test")
 SPLIT_ALIASES = {"train": "train", "training": "train", "val": "val", "valid": "val",
                  "validation": "val", "dev": "val", "publictest": "val", "test": "test",
@@ -62,6 +78,12 @@ FERPLUS_USAGE = {"training": "train", "publictest": "val", "privatetest": "test"
 FERPLUS_FOLDERS = {"train": "FER2013Train", "val": "FER2013Valid", "test": "FER2013Test"}
 DFEW_CODES = {1: "happiness", 2: "sadness", 3: "neutral", 4: "anger", 5: "surprise",
               6: "disgust", 7: "fear"}
+FER2013_CODES = {0: "anger", 1: "disgust", 2: "fear", 3: "happiness", 4: "sadness", 5: "surprise",
+                 6: "neutral"}
+FER2013_SIDE = 48
+IMPORT_ROOTS_ENV = "EMO_IMPORT_ROOTS"
+QUOTE_LIMIT = 40     # characters of a cell an error message may show
+MESSAGE_LIMIT = 300  # characters of any one "where" or "reason" in a summary
 
 
 @dataclass
@@ -206,6 +228,195 @@ def _smallest_label_set(labels: Iterable[str | None]) -> list[str]:
     return list(CANONICAL)
 
 
+# ----------------------------------------------------------------------------- safe messages
+
+def _escape(ch: str) -> str:
+    """One character as repr() would show it inside '...': control characters never pass."""
+    if ch == "'":
+        return "\\'"
+    if ch == "\\":
+        return "\\\\"
+    return ch if ch.isprintable() else repr(ch)[1:-1]
+
+
+def _quote(text: object, limit: int = QUOTE_LIMIT, tail: bool = False) -> str:
+    """A cell as an error message may show it: '...' with at most `limit` escaped characters.
+
+    The imported file may be anything an admin typed a path to (/proc/self/environ, a key
+    file): a message quotes a short, escaped excerpt of one cell, never a line. `tail` keeps the
+    end instead (a file path's end is its name).
+    """
+    chars = list(str(text))
+    if tail:
+        chars.reverse()
+    body, used = [], 0
+    for ch in chars:
+        piece = _escape(ch)
+        if used + len(piece) > limit:
+            break
+        body.append(piece)
+        used += len(piece)
+    cut = len(body) < len(chars)
+    if tail:
+        return "'" + ("…" if cut else "") + "".join(reversed(body)) + "'"
+    return "'" + "".join(body) + ("…" if cut else "") + "'"
+
+
+# A plain word no longer than a label name can be (the longest, "disappointment", has 14).
+_WORD_CELL = re.compile(r"[A-Za-z][A-Za-z' _\-]{0,15}")
+
+
+def _quote_word(text: str) -> str:
+    """A label or split cell: quoted when it is a short plain word (a typo the user wants to
+    see), else only described: keys and passwords have digits, symbols or length, so a cell of
+    some other file (KEY=value lines) is never shown."""
+    text = text.strip()
+    if _WORD_CELL.fullmatch(text):
+        return _quote(text)
+    return f"(a {len(text)}-character cell)"
+
+
+def _quote_code(text: str) -> str:
+    """A cell that should hold a number (a label code, a pixel): quoted only if short."""
+    text = text.strip()
+    if re.fullmatch(r"[\w.+\-]{1,6}", text):
+        return _quote(text)
+    return f"(a {len(text)}-character cell)"
+
+
+def _clean(text: object, limit: int = MESSAGE_LIMIT) -> str:
+    """The last line of defence for anything a summary shows: no control characters, capped."""
+    out = "".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in str(text))
+    return out if len(out) <= limit else out[:limit - 1] + "…"
+
+
+def _has_control(text: str) -> bool:
+    return any(not ch.isprintable() for ch in text)
+
+
+def _csv_problem(exc: csv.Error) -> str:
+    """The csv module's complaint in words; its messages never carry the row's text."""
+    message = str(exc)
+    if "new-line character" in message:
+        return "malformed CSV row: a stray carriage return (CR) inside a field"
+    if "field larger than field limit" in message:
+        return f"malformed CSV row: a field over {csv.field_size_limit():,} characters"
+    return f"malformed CSV row ({_clean(message, 80)})"
+
+
+def _csv_rows(lines: Iterable[str], name: str) -> Iterator[tuple[str, list[str] | None, str | None]]:
+    """(where, cells, None) per CSV row, or (where, None, reason) for a row that cannot be parsed.
+
+    A malformed row is one reported row, never the end of the file: the csv module starts
+    afresh at the next line after an error. Feed lines split at "\\n" only (io.StringIO, or
+    open(newline="\\n")), so a stray CR inside a field is an error of its own row rather than a
+    silent extra row.
+    """
+    reader = csv.reader(lines)
+    last = 0
+    while True:
+        try:
+            row = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as exc:
+            yield f"{name}:{reader.line_num}", None, _csv_problem(exc)
+        else:
+            start = last + 1
+            if reader.line_num > start and any("\n" in cell for cell in row):
+                # An unclosed quote swallows the following lines into one field.
+                yield (f"{name}:{start}-{reader.line_num}", None,
+                       "malformed CSV row: a quoted field runs over several lines (an unclosed quote?)")
+            else:
+                yield f"{name}:{start}", row, None
+        last = reader.line_num
+
+
+def _good_rows(rows: Iterable[tuple[str, list[str] | None, str | None]],
+               layout: "Layout") -> list[tuple[str, list[str]]]:
+    """The parsed rows; the malformed ones go to `layout.broken`."""
+    good = []
+    for where, row, problem in rows:
+        if problem is not None:
+            layout.broken.append((where, problem))
+        else:
+            good.append((where, row))
+    return good
+
+
+# ----------------------------------------------------------------------------- where imports may read
+
+def import_roots() -> list[Path]:
+    """Folders the web app may import from: `EMO_IMPORT_ROOTS` (os.pathsep-separated), by
+    default the data dir and `imports/` in the working directory. Symlinks resolved."""
+    from db.session import data_dir
+
+    raw = os.environ.get(IMPORT_ROOTS_ENV, "")
+    parts = [p.strip() for p in raw.split(os.pathsep) if p.strip()]
+    if not parts:
+        parts = [str(data_dir()), "imports"]
+    return [Path(p).expanduser().resolve() for p in parts]
+
+
+def store_private_paths(url: str | None = None) -> list[Path]:
+    """The store's own files no import may read: the database (and its journal files), the
+    session-signing key, backups. A dataset root holds media and label files, never these."""
+    from sqlalchemy.engine import make_url
+
+    from db.session import data_dir, database_url
+
+    base = data_dir()
+    paths = [base / "secret_key", base / "backups"]
+    if os.environ.get("EMO_BACKUP_DIR"):
+        paths.append(Path(os.environ["EMO_BACKUP_DIR"]).expanduser())
+    try:
+        parsed = make_url(url or database_url())
+        if parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:"):
+            db = Path(parsed.database).expanduser()
+            paths += [db] + [db.with_name(db.name + suffix) for suffix in ("-wal", "-shm", "-journal")]
+    except Exception:  # an odd URL: the data dir's own files are still protected
+        pass
+    return [p.resolve() for p in paths]
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    """`path` is `folder` or below it (both resolved). Strings, not Path.is_relative_to: an
+    import checks every file against every root, and this is ten times faster."""
+    p, f = str(path), str(folder)
+    return p == f or p.startswith(f if f.endswith(os.sep) else f + os.sep)
+
+
+def check_import_path(path: str | os.PathLike, confined: bool = False,
+                      url: str | None = None) -> Path:
+    """The resolved dataset path, or UserError if an import may not read it.
+
+    Everyone: not one of the store's private files, inside one, or a folder holding one (the
+    data dir itself is not a dataset). `confined` (the web app): inside `import_roots()` too,
+    symlinks resolved, so a link in an import folder cannot point outside it.
+    """
+    shown = _quote(path, 120, tail=True)
+    try:
+        resolved = Path(path).expanduser().resolve()
+    except (OSError, ValueError, RuntimeError):
+        raise UserError(f"{shown}: not a usable path") from None
+    for private in store_private_paths(url):
+        if _inside(resolved, private) or _inside(private, resolved):
+            raise UserError(f"{shown} is or holds the store's own files (database, "
+                            "secret key or backups): import a dataset's folder or file, not the store")
+    if confined:
+        roots = import_roots()
+        if not any(_inside(resolved, root) for root in roots):
+            allowed = ", ".join(str(root) for root in roots)
+            raise UserError(f"{shown} is outside the import folders ({allowed}): copy or link "
+                            f"the dataset under one of them, or set {IMPORT_ROOTS_ENV} on the server")
+    return resolved
+
+
+def is_aligned(meta: dict | None) -> bool:
+    """Whether a sample's image is a face crop (import marks it; detection can be skipped)."""
+    return bool((meta or {}).get("aligned"))
+
+
 # ----------------------------------------------------------------------------- format readers
 
 def read_rafdb(root: Path, **_) -> Layout:
@@ -225,7 +436,7 @@ def read_rafdb(root: Path, **_) -> Layout:
         parts = line.split()
         code = _int(parts[1]) if len(parts) == 2 else None
         if code not in RAFDB_CODES:
-            layout.broken.append((where, f"expected '<image> <code 1-7>', got {line.strip()!r}"))
+            layout.broken.append((where, f"expected '<image> <code 1-7>', got {_quote(line.strip())}"))
             continue
         name = parts[0]
         stem, suffix = os.path.splitext(name)
@@ -236,8 +447,10 @@ def read_rafdb(root: Path, **_) -> Layout:
             candidates.append((original / name, "original"))
         media, variant = next(((p, v) for p, v in candidates if p.exists()), candidates[0])
         split = "test" if name.lower().startswith("test") else "train"
+        # RAF-DB's aligned/ images are 100x100 face crops: the engine may skip detection.
         layout.entries.append(Entry(where, media, RAFDB_CODES[code], split,
-                                    {"file": name, "variant": variant, "source_label": code}))
+                                    {"file": name, "variant": variant, "source_label": code,
+                                     "aligned": variant == "aligned"}))
     return layout
 
 
@@ -254,13 +467,12 @@ def read_affectnet(root: Path, label_set: str | None = None, **_) -> Layout:
         raise UserError(f"{root}: no training.csv or validation.csv (Manually_Annotated_file_lists)")
     for name, split in files:
         path = _find(root, name)
-        rows = list(csv.reader(io.StringIO(_read_text(path))))
-        header = [h.strip().lower() for h in rows[0]] if rows else []
+        rows = _good_rows(_csv_rows(io.StringIO(_read_text(path)), name), layout)
+        header = [h.strip().lower() for h in rows[0][1]] if rows else []
         has_header = "expression" in header
         col_path = header.index("subdirectory_filepath") if "subdirectory_filepath" in header else 0
         col_expr = header.index("expression") if has_header else 6
-        for number, row in enumerate(rows[1:] if has_header else rows, 2 if has_header else 1):
-            where = f"{name}:{number}"
+        for where, row in rows[1:] if has_header else rows:
             if not row or not any(cell.strip() for cell in row):
                 continue
             code = _int(row[col_expr]) if len(row) > col_expr else None
@@ -268,11 +480,14 @@ def read_affectnet(root: Path, label_set: str | None = None, **_) -> Layout:
                 layout.excluded[f"code {code} ({AFFECTNET_NOT_EXPRESSIONS[code]})"] += 1
                 continue
             if code not in AFFECTNET_CODES:
-                layout.broken.append((where, f"expression code {row[col_expr] if len(row) > col_expr else ''!r} is not 0-10"))
+                layout.broken.append((where, f"expression code {_quote_code(row[col_expr] if len(row) > col_expr else '')} is not 0-10"))
                 continue
             label = AFFECTNET_CODES[code]
             if label not in labels:
                 layout.excluded[f"{label} (not in {label_set})"] += 1
+                continue
+            if col_path >= len(row) or not row[col_path].strip() or _has_control(row[col_path]):
+                layout.broken.append((where, "no usable subDirectory_filePath"))
                 continue
             meta = {"file": row[col_path], "source_label": code}
             if has_header:
@@ -292,8 +507,8 @@ def read_ferplus(root: Path, **_) -> Layout:
         raise UserError(f"{root}: no fer2013new.csv found: is this FERPlus?")
     folders = {split: _find(root, name, want_dir=True) or table.parent / name
                for split, name in FERPLUS_FOLDERS.items()}
-    rows = list(csv.reader(io.StringIO(_read_text(table))))
-    header = [h.strip().lower() for h in rows[0]] if rows else []
+    rows = _good_rows(_csv_rows(io.StringIO(_read_text(table)), table.name), layout)
+    header = [h.strip().lower() for h in rows[0][1]] if rows else []
     if "usage" not in header:
         raise UserError(f"{table}: expected a header 'Usage,Image name,neutral,...'")
     vote_columns = ["neutral", "happiness", "surprise", "sadness", "anger", "disgust", "fear",
@@ -302,8 +517,7 @@ def read_ferplus(root: Path, **_) -> Layout:
     if missing:
         raise UserError(f"{table}: missing vote columns {missing}")
     col_name = next(i for i, h in enumerate(header) if h.replace(" ", "") == "imagename")
-    for number, row in enumerate(rows[1:], 2):
-        where = f"{table.name}:{number}"
+    for where, row in rows[1:]:
         if not row:
             continue
         try:
@@ -316,6 +530,9 @@ def read_ferplus(root: Path, **_) -> Layout:
         if not name:
             layout.excluded["no image for this FER2013 row"] += 1
             continue
+        if _has_control(name) or "/" in name or "\\" in name:
+            layout.broken.append((where, f"image name {_quote(name)} is not a file name"))
+            continue
         top = max(votes.values())
         winners = [c for c, v in votes.items() if v == top]
         if top == 0 or len(winners) > 1:
@@ -324,8 +541,9 @@ def read_ferplus(root: Path, **_) -> Layout:
         if winners[0] in ("unknown", "nf"):
             layout.excluded[f"{winners[0]} majority"] += 1
             continue
+        # FERPlus relabels FER2013's own 48x48 face crops.
         layout.entries.append(Entry(where, folders[usage] / name, winners[0], usage,
-                                    {"file": name, "votes": votes}))
+                                    {"file": name, "votes": votes, "aligned": True}))
     return layout
 
 
@@ -345,8 +563,13 @@ def _read_fold_lists(files: list[tuple[Path, int, str]], parse: Callable[[list[s
                 name, label, extra = parse(cells)
             except _HeaderRow:
                 continue
+            except _RowProblem as exc:  # our own message, cells already quoted
+                layout.broken.append((where, str(exc)))
+                continue
             except (ValueError, IndexError, KeyError) as exc:
-                layout.broken.append((where, f"unreadable row {line.strip()[:80]!r} ({exc})"))
+                # Not the exception's text: int("...") would repeat the whole cell.
+                layout.broken.append((where, f"unreadable row {_quote(line.strip())} "
+                                             f"({type(exc).__name__})"))
                 continue
             if label is None:
                 layout.excluded["not single-labelled"] += 1
@@ -355,8 +578,8 @@ def _read_fold_lists(files: list[tuple[Path, int, str]], parse: Callable[[list[s
             clip = clips.setdefault(key, {"name": name, "label": label, "test_folds": set(),
                                           "where": where, "extra": {}})
             if clip["label"] != label:
-                layout.broken.append((where, f"clip {name} is {label} here but {clip['label']} "
-                                             f"in {clip['where']}"))
+                layout.broken.append((where, f"clip {_quote(name)[1:-1]} is {label} here but "
+                                             f"{clip['label']} in {clip['where']}"))
                 clip["conflict"] = True
             if kind == "test":
                 clip["test_folds"].add(fold)
@@ -368,6 +591,10 @@ class _HeaderRow(Exception):
     pass
 
 
+class _RowProblem(ValueError):
+    """A row a split-list parser rejects, with a message safe to show."""
+
+
 def _fold_entries(root: Path, clips: dict[str, dict], layout: Layout, fold: int,
                   skip: Iterable[Path]) -> None:
     on_disk = _index_clips(root, skip)
@@ -376,7 +603,8 @@ def _fold_entries(root: Path, clips: dict[str, dict], layout: Layout, fold: int,
             continue
         media = on_disk.get(key)
         if media is None:
-            layout.broken.append((clip["where"], f"clip {clip['name']} not found under {root}"))
+            layout.broken.append((clip["where"], f"clip {_quote(clip['name'])[1:-1]} not found "
+                                                 f"under {root}"))
             continue
         folds = sorted(clip["test_folds"])
         split = "test" if fold in folds else "train"
@@ -434,7 +662,7 @@ def read_mafw(root: Path, fold: int = 1, **_) -> Layout:
     def parse(cells: list[str]) -> tuple:
         label = normalize_label(cells[1])
         if label is None:
-            raise ValueError(f"{cells[1]!r} is not one of MAFW's 11 classes")
+            raise _RowProblem(f"{_quote_word(cells[1])} is not one of MAFW's 11 classes")
         extra = {"description": cells[2]} if len(cells) > 2 and cells[2] else {}
         return cells[0], label, extra
 
@@ -476,13 +704,13 @@ def read_ferv39k(root: Path, **_) -> Layout:
             if not cells:
                 continue
             if len(cells) < 2:
-                layout.broken.append((where, f"expected '<clip path> <label>', got {line.strip()!r}"))
+                layout.broken.append((where, f"expected '<clip path> <label>', got {_quote(line.strip())}"))
                 continue
             label = normalize_label(cells[-1])
             if label is None:
                 if number == 1 and not any(Path(r, cells[0]).exists() for r in clip_roots):
                     continue  # a header row
-                layout.broken.append((where, f"{cells[-1]!r} is not an expression"))
+                layout.broken.append((where, f"{_quote_word(cells[-1])} is not an expression"))
                 continue
             rel = cells[0].strip("/")
             media = next((Path(r, rel) for r in clip_roots if Path(r, rel).exists()), None)
@@ -490,33 +718,60 @@ def read_ferv39k(root: Path, **_) -> Layout:
                 media = next((Path(r, rel + ext) for r in clip_roots for ext in sorted(VIDEO_EXTENSIONS)
                               if Path(r, rel + ext).exists()), None)
             if media is None:
-                layout.broken.append((where, f"clip {rel} not found under {root}"))
+                layout.broken.append((where, f"clip {_quote(rel)[1:-1]} not found under {root}"))
                 continue
             layout.entries.append(Entry(where, media, label, split,
                                         {"clip": rel, "scene": rel.split("/")[0]}))
     return layout
 
 
-def read_folder(root: Path, **_) -> Layout:
-    """ROOT/<label>/... or ROOT/<split>/<label>/...; a folder of frames inside a label is a clip."""
+def _split_folder(name: str) -> str | None:
+    """The split a top-level folder names: train/, validation/, PublicTest/, FER2013Valid/ ..."""
+    exact = _split_name(name)
+    if exact:
+        return exact
+    letters = re.sub(r"[^a-z]", "", name.lower())
+    # FERPlus-style "FER2013Train", "train_set": an alias at either end of the name.
+    for alias in sorted(SPLIT_ALIASES, key=len, reverse=True):
+        if alias != "dev" and (letters.endswith(alias) or letters.startswith(alias)):
+            return SPLIT_ALIASES[alias]
+    return None
+
+
+def _folder_label(name: str) -> str | None:
+    return normalize_label(re.sub(r"^[\d_\-\s]+", "", name))
+
+
+def read_folder(root: Path, split: str | None = None, **_) -> Layout:
+    """ROOT/<label>/... or ROOT/<split>/<label>/...; a folder of frames inside a label is a clip.
+
+    Without split folders every sample gets `split` (default train).
+    """
     layout = Layout()
     if not root.is_dir():
         raise UserError(f"{root}: not a folder")
     top = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not top:
         raise UserError(f"{root}: no sub-folders: expected one folder per expression")
-    split_dirs = [(p, _split_name(p.name)) for p in top]
-    if all(split for _, split in split_dirs):
-        groups = [(split, sorted(p for p in d.iterdir() if p.is_dir())) for d, split in split_dirs]
+    split_dirs = [(p, _split_folder(p.name)) for p in top if _split_folder(p.name)]
+    # Split folders only when no top folder is itself an expression (a class named "test"
+    # does not exist; one named "sad" beside "train" means a label layout with a stray folder).
+    if split_dirs and not any(_folder_label(p.name) for p in top):
+        groups = [(name, sorted(p for p in d.iterdir() if p.is_dir() and not p.name.startswith(".")))
+                  for d, name in split_dirs]
+        others = [p.name for p in top if not _split_folder(p.name)]
+        if others:
+            layout.notes.append(f"folders that name no split ignored: "
+                                f"{', '.join(_quote(n)[1:-1] for n in others[:5])}")
     else:
-        groups = [("train", top)]
+        groups = [(split or "train", top)]
     ignored = 0
-    for split, label_dirs in groups:
+    for group_split, label_dirs in groups:
         for label_dir in label_dirs:
-            label = normalize_label(re.sub(r"^[\d_\-\s]+", "", label_dir.name))
+            label = _folder_label(label_dir.name)
             where = str(label_dir.relative_to(root))
             if label is None:
-                layout.broken.append((where, f"folder name {label_dir.name!r} is not an expression"))
+                layout.broken.append((where, f"folder name {_quote(label_dir.name)} is not an expression"))
                 continue
             for item in sorted(label_dir.iterdir()):
                 if item.is_dir() and _frame_count(item):
@@ -526,20 +781,40 @@ def read_folder(root: Path, **_) -> Layout:
                 else:
                     ignored += 1
                     continue
-                layout.entries.append(Entry(str(item.relative_to(root)), media, label, split,
+                layout.entries.append(Entry(str(item.relative_to(root)), media, label, group_split,
                                             {"file": str(item.relative_to(root))}))
     if ignored:
         layout.notes.append(f"{ignored} items that are neither media files nor frame folders ignored")
     return layout
 
 
-def read_csv(path: Path, **_) -> Layout:
-    """`path,label[,split]` rows; an empty label imports the sample unlabelled."""
+def _decode_csv(path: Path) -> str:
+    """A CSV of file paths: UTF-8, else UTF-8 with the undecodable bytes kept as surrogates, so
+    the rows that are fine still import and only the broken ones are reported."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        return data.decode("utf-8", errors="surrogateescape").lstrip("\ufeff")
+
+
+def _cell_problem(text: str, what: str) -> str | None:
+    """Why a cell cannot be a path or a label, without repeating it when it is binary junk."""
+    if "\x00" in text or _has_control(text):
+        return f"the {what} holds control or undecodable characters"
+    return None
+
+
+def read_csv(path: Path, split: str | None = None, **_) -> Layout:
+    """`path,label[,split]` rows; an empty label imports the sample unlabelled.
+
+    Rows without a split cell get `split` (default train).
+    """
     layout = Layout()
     if not path.is_file():
         raise UserError(f"{path}: not a CSV file")
-    rows = list(csv.reader(io.StringIO(_read_text(path))))
-    header = [h.strip().lower() for h in rows[0]] if rows else []
+    rows = _good_rows(_csv_rows(io.StringIO(_decode_csv(path)), path.name), layout)
+    header = [h.strip().lower() for h in rows[0][1]] if rows else []
     has_header = "path" in header
     col = {"path": 0, "label": 1, "split": 2}
     if has_header:
@@ -547,31 +822,173 @@ def read_csv(path: Path, **_) -> Layout:
             raise UserError(f"{path}: the header names a 'path' column but no 'label' column")
         col = {name: header.index(name) if name in header else len(header) + 99
                for name in ("path", "label", "split")}
-    for number, row in enumerate(rows[1:] if has_header else rows, 2 if has_header else 1):
-        where = f"{path.name}:{number}"
+    for where, row in rows[1:] if has_header else rows:
         if not row or not any(cell.strip() for cell in row):
+            continue
+        if not has_header and len(row) < 2:
+            # One cell per line is not `path,label`: most likely not a dataset list at all
+            # (a key file, an environment dump). Say so without repeating the line.
+            layout.broken.append((where, "expected 'path,label[,split]': the row has 1 column"))
             continue
         cell = lambda name: row[col[name]].strip() if col[name] < len(row) else ""  # noqa: E731
         if not cell("path"):
             layout.broken.append((where, "empty path"))
             continue
+        problem = _cell_problem(cell("path"), "path") or _cell_problem(cell("label"), "label") \
+            or _cell_problem(cell("split"), "split cell")
+        if problem:
+            layout.broken.append((where, problem))
+            continue
         label = normalize_label(cell("label")) if cell("label") else None
         if cell("label") and label is None:
-            layout.broken.append((where, f"{cell('label')!r} is not an expression"))
+            layout.broken.append((where, f"label {_quote_word(cell('label'))} is not an expression"))
             continue
-        split = _split_name(cell("split")) if cell("split") else "train"
-        if split is None:
-            layout.broken.append((where, f"split {cell('split')!r} is not train, val or test"))
+        row_split = _split_name(cell("split")) if cell("split") else (split or "train")
+        if row_split is None:
+            layout.broken.append((where, f"split {_quote_word(cell('split'))} is not train, val or test"))
             continue
         media = Path(cell("path"))
         media = media if media.is_absolute() else path.parent / media
-        layout.entries.append(Entry(where, media, label, split, {"file": cell("path")}))
+        layout.entries.append(Entry(where, media, label, row_split, {"file": cell("path")}))
+    if not layout.entries and layout.broken:
+        layout.notes.append("no row reads as 'path,label[,split]': is this the dataset's CSV?")
+    return layout
+
+
+def _fer2013_table(path: Path) -> Path:
+    if path.is_file():
+        return path
+    for name in ("fer2013.csv", "icml_face_data.csv"):
+        found = _find(path, name)
+        if found is not None:
+            return found
+    raise UserError(f"{path}: no fer2013.csv found: give the FER2013 CSV (emotion,pixels,Usage)")
+
+
+def _lines_with_progress(f, bar) -> Iterator[str]:
+    for line in f:
+        bar.update(len(line))
+        yield line
+
+
+def _fer2013_pixels(text: str) -> tuple[object | None, str | None]:
+    """(48x48 uint8 array, None) or (None, why not) for a row's `pixels` cell."""
+    import numpy as np
+
+    tokens = text.split()
+    if len(tokens) != FER2013_SIDE * FER2013_SIDE:
+        return None, f"{len(tokens)} pixel values, expected {FER2013_SIDE * FER2013_SIDE} (48×48)"
+    try:
+        values = np.array(tokens, dtype=np.int64)
+    except (ValueError, OverflowError):
+        bad = next((t for t in tokens if not t.isdigit()), tokens[0])
+        return None, f"pixel value {_quote_code(bad)} is not a whole number"
+    if values.min() < 0 or values.max() > 255:
+        return None, "pixel values must be 0-255"
+    return values.astype(np.uint8).reshape(FER2013_SIDE, FER2013_SIDE), None
+
+
+def _write_png_once(folder: Path, pixels) -> Path:
+    """The crop as a PNG named by its pixels' hash, written only if absent.
+
+    Named by pixels, not by row number: a changed CSV never overwrites a file a stored sample
+    points to, and a re-import reuses the file as it is (its bytes, hence its content hash, stay
+    those of the first import even if a newer Pillow would encode them differently).
+    """
+    from PIL import Image
+
+    target = folder / f"{hashlib.sha256(pixels.tobytes()).hexdigest()[:20]}.png"
+    if not target.exists():
+        folder.mkdir(parents=True, exist_ok=True)
+        buffer = io.BytesIO()
+        Image.fromarray(pixels, mode="L").save(buffer, format="PNG")
+        tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+        tmp.write_bytes(buffer.getvalue())
+        os.replace(tmp, target)  # readers never see half a file
+    return target
+
+
+def read_fer2013(path: Path, split: str | None = None, media_dir: Path | None = None,
+                 name: str = "fer2013", progress: bool = False, **_) -> Layout:
+    """The original FER2013 CSV: `emotion,pixels,Usage`, one 48x48 greyscale crop per row.
+
+    Usage Training -> train, PublicTest -> val, PrivateTest -> test; emotion 0-6 = anger,
+    disgust, fear, happiness, sadness, surprise, neutral. Each crop is written once as a PNG
+    under `media_dir/<name>/<split>/` (default `<data dir>/datasets`). Kaggle's variants load
+    too: `emotion,pixels` (every row gets `split`), `pixels` alone (unlabelled) and headers with
+    spaces (icml_face_data.csv).
+    """
+    from tqdm import tqdm
+
+    from db.session import data_dir
+
+    table = _fer2013_table(path)
+    out = Path(media_dir) if media_dir else data_dir() / "datasets"
+    out = out / name
+    layout = Layout(label_set=list(BASIC7))
+    bar = tqdm(total=table.stat().st_size, desc=f"read {table.name}", unit="B", unit_scale=True,
+               disable=not progress)
+    with open(table, encoding="utf-8-sig", errors="replace", newline="\n") as f:
+        rows = _csv_rows(_lines_with_progress(f, bar), table.name)
+        col: dict[str, int] | None = None
+        for where, row, problem in rows:
+            if problem is not None:
+                layout.broken.append((where, problem))
+                continue
+            if not row or not any(cell.strip() for cell in row):
+                continue
+            if col is None:
+                header = [h.strip().lower() for h in row]
+                if "pixels" in header:
+                    col = {h: header.index(h) for h in ("emotion", "pixels", "usage") if h in header}
+                    continue
+                col = {"emotion": 0, "pixels": 1, "usage": 2}  # no header: the original order
+            cell = lambda key: row[col[key]].strip() if key in col and col[key] < len(row) else ""  # noqa: E731
+            label = None
+            if "emotion" in col:
+                code = _int(cell("emotion")) if re.fullmatch(r"\d{1,3}", cell("emotion")) else None
+                if code not in FER2013_CODES:
+                    layout.broken.append((where, f"emotion {_quote_code(cell('emotion'))} is not 0-6"))
+                    continue
+                label = FER2013_CODES[code]
+            row_split = split or "train"
+            usage = cell("usage")
+            if "usage" in col:
+                row_split = SPLIT_ALIASES.get(usage.lower()) if usage else None
+                if row_split is None:
+                    layout.broken.append((where, f"Usage {_quote_word(usage)} is not Training, "
+                                                 "PublicTest or PrivateTest"))
+                    continue
+                if split and row_split != split:
+                    layout.excluded[f"{row_split} rows (not --split {split})"] += 1
+                    continue
+            pixels, why = _fer2013_pixels(cell("pixels"))
+            if pixels is None:
+                layout.broken.append((where, why))
+                continue
+            try:
+                media = _write_png_once(out / row_split, pixels)
+            except OSError as exc:
+                raise UserError(f"cannot write the FER2013 images under {out}: "
+                                f"{exc.strerror or exc}") from None
+            meta = {"row": int(where.rsplit(":", 1)[1].split("-")[0]), "aligned": True}
+            if label is not None:
+                meta["source_label"] = next(k for k, v in FER2013_CODES.items() if v == label)
+            if usage:
+                meta["usage"] = usage
+            layout.entries.append(Entry(where, media, label, row_split, meta))
+    bar.close()
+    if col is None:
+        raise UserError(f"{table}: empty: expected FER2013's 'emotion,pixels,Usage' rows")
+    if "pixels" not in col:
+        raise UserError(f"{table}: expected a 'pixels' column (FER2013's emotion,pixels,Usage)")
     return layout
 
 
 READERS: dict[str, Callable[..., Layout]] = {
     "rafdb": read_rafdb, "affectnet": read_affectnet, "ferplus": read_ferplus, "dfew": read_dfew,
     "ferv39k": read_ferv39k, "mafw": read_mafw, "folder": read_folder, "csv": read_csv,
+    "fer2013": read_fer2013,
 }
 VIDEO_FORMATS = {"dfew", "ferv39k", "mafw"}
 
@@ -592,16 +1009,22 @@ def content_hash(path: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
+def _shown(media: Path) -> str:
+    """A media path as a message shows it: its last characters, escaped (the path may be a
+    cell of whatever file was imported)."""
+    return _quote(str(media), tail=True)
+
+
 def _check(entry: Entry) -> tuple[str, str]:
     """(modality, content hash) of an entry's media, or MediaError saying what is wrong."""
     from core.media import load_image, probe_video
 
     media = entry.media
     if not media.exists():
-        raise MediaError(f"{media}: no such file")
+        raise MediaError(f"{_shown(media)}: no such file")
     if media.is_dir():
         if not _frame_count(media):
-            raise MediaError(f"{media.name}: the folder holds no frame images")
+            raise MediaError(f"{_shown(media)}: the folder holds no frame images")
         probe_video(media)
         return "video", content_hash(media)
     if media.suffix.lower() in VIDEO_EXTENSIONS:
@@ -611,16 +1034,41 @@ def _check(entry: Entry) -> tuple[str, str]:
     return "image", content_hash(media)
 
 
+def _media_message(entry: Entry, message: str) -> str:
+    """core.media's message with the file named as `_shown` names it."""
+    for name in (str(entry.media), entry.media.name):
+        if name and message.startswith(name + ":"):
+            return _shown(entry.media) + message[len(name):]
+    return message
+
+
 def _checked(entry: Entry) -> tuple[Entry, str | None, str | None, str | None]:
     try:
         modality, digest = _check(entry)
         return entry, modality, digest, None
     except MediaError as exc:
-        return entry, None, None, str(exc)
+        return entry, None, None, _media_message(entry, str(exc))
     except OSError as exc:
-        return entry, None, None, f"cannot read: {exc.strerror or exc}"
+        return entry, None, None, f"{_shown(entry.media)}: cannot read ({exc.strerror or type(exc).__name__})"
     except Exception as exc:  # a decoder's own error on a strange file: report it, keep importing
-        return entry, None, None, f"unreadable ({type(exc).__name__}: {exc})"
+        return entry, None, None, f"{_shown(entry.media)}: unreadable ({type(exc).__name__}: {_quote(exc, 60)[1:-1]})"
+
+
+def _refused(entry: Entry, private: list[Path], roots: list[Path] | None) -> str | None:
+    """Why an entry's file may not be imported (a CSV row naming the store's key, a symlink
+    out of the import folders), or None."""
+    try:
+        resolved = entry.media.resolve()
+        str(resolved).encode("utf-8")   # the store keeps paths as UTF-8 text
+    except UnicodeEncodeError:
+        return "the file name is not valid UTF-8"
+    except (OSError, ValueError, RuntimeError):
+        return f"{_shown(entry.media)}: not a usable path"
+    if any(_inside(resolved, p) or _inside(p, resolved) for p in private):
+        return f"{_shown(entry.media)}: one of the store's own files, not a dataset file"
+    if roots is not None and not any(_inside(resolved, root) for root in roots):
+        return f"{_shown(entry.media)}: outside the import folders"
+    return None
 
 
 # ----------------------------------------------------------------------------- storing
@@ -683,60 +1131,98 @@ def _insert(session, rows: list[dict]) -> int:
 def import_dataset(fmt: str, path: str | os.PathLike, name: str | None = None,
                    url: str | None = None, progress: bool = True, fold: int = 1,
                    label_set: str | None = None, min_submitted: int | None = None,
-                   workers: int = 4) -> ImportSummary:
+                   workers: int = 4, split: str | None = None, aligned: bool | None = None,
+                   confined: bool = False, media_dir: str | os.PathLike | None = None
+                   ) -> ImportSummary:
     """Read a dataset folder (or CSV) into the store; safe to run again (adds only what is new).
 
     `fold`: the DFEW/MAFW fold whose test list becomes split "test". `label_set`: AffectNet's
     "affectnet8" (default) or "basic7". `min_submitted`: annotators wanted per record.
+    `split`: the split of samples whose layout names none; where it names splits, only this
+    one is imported. `aligned`: mark every sample as a face crop (True) or not (False); None
+    keeps the format's default. `confined`: only paths inside `import_roots()` (the web app).
+    `media_dir`: where fer2013 writes its PNGs (default `<data dir>/datasets`).
     """
-    from sqlalchemy import select
+    from sqlalchemy import select, update
     from tqdm import tqdm
 
     from db.models import Sample
     from db.models import utcnow
-    from db.session import session_scope
+    from db.session import data_dir, session_scope
 
     if fmt not in READERS:
-        raise UserError(f"unknown format {fmt!r}: choose one of {', '.join(FORMATS)}")
-    root = Path(path).expanduser().resolve()
-    if not root.exists():
-        raise UserError(f"{path}: no such file or folder")
-    if fmt != "csv" and not root.is_dir():
-        raise UserError(f"{path}: the {fmt} format expects the dataset's folder")
+        raise UserError(f"unknown format {_quote(fmt)}: choose one of {', '.join(FORMATS)}")
+    if split is not None and split not in SPLITS:
+        raise UserError(f"--split must be one of {', '.join(SPLITS)}")
+    shown = _clean(path, 200)
+    try:
+        root = Path(path).expanduser().resolve()
+    except (OSError, ValueError, RuntimeError):   # a NUL byte, a symlink loop
+        raise UserError(f"{shown}: not a usable path") from None
     name = (name or (root.stem if fmt in ("folder", "csv") else fmt)).strip()
     if not re.fullmatch(r"[\w.\-]{1,120}", name):
-        raise UserError(f"dataset name {name!r}: use letters, digits, '_', '-' or '.'")
+        raise UserError(f"dataset name {_quote(name, 60)}: use letters, digits, '_', '-' or '.'")
+    # Before looking at the path: outside the roots, even "no such file" would say too much.
+    root = check_import_path(path, confined=confined, url=url)
+    if not root.exists():
+        raise UserError(f"{shown}: no such file or folder")
+    if fmt not in FILE_FORMATS and not root.is_dir():
+        raise UserError(f"{shown}: the {fmt} format expects the dataset's folder")
     if not 1 <= fold <= 5:
         raise UserError("--fold must be 1 to 5")
     if min_submitted is not None and min_submitted < 1:
         raise UserError("--min-submitted must be at least 1")
 
-    layout = READERS[fmt](root, fold=fold, label_set=label_set)
+    media_root = Path(media_dir).expanduser().resolve() if media_dir else data_dir() / "datasets"
+    layout = READERS[fmt](root, fold=fold, label_set=label_set, split=split,
+                          media_dir=media_root, name=name, progress=progress)
+    if split is not None:   # layouts that name their splits: keep the one asked for
+        kept = [e for e in layout.entries if e.split == split]
+        for other, count in Counter(e.split for e in layout.entries if e.split != split).items():
+            layout.excluded[f"{other} samples (not --split {split})"] += count
+        layout.entries = kept
+    private = store_private_paths(url)
+    # Written by the importer itself (fer2013), so inside the allowed folders by construction.
+    roots = import_roots() + [media_root / name] if confined else None
+    entries = []
+    for entry in layout.entries:
+        why = _refused(entry, private, roots)
+        if why:
+            layout.broken.append((entry.where, why))
+            continue
+        if aligned is not None:
+            entry.meta["aligned"] = bool(aligned)
+        entries.append(entry)
     summary = ImportSummary(dataset=name, format=fmt, broken=list(layout.broken),
                             excluded=layout.excluded, notes=list(layout.notes))
-    if not layout.entries and not layout.broken:
-        raise UserError(f"{path}: found no samples in the {fmt} layout")
+    if not entries and not layout.broken:
+        if split is not None and layout.excluded:
+            raise UserError(f"{shown}: no {split} samples in the {fmt} layout")
+        raise UserError(f"{shown}: found no samples in the {fmt} layout")
 
+    relabelled: dict[int, bool] = {}   # samples already stored whose face-crop flag changes
     with session_scope(url) as session:
         dataset = None
-        known: set[str] = set()
+        known: dict[str, tuple[int, bool | None]] = {}   # content hash -> (id, aligned flag)
         pending: list[dict] = []
-        bar = tqdm(total=len(layout.entries), desc=f"import {name}", unit="sample",
+        bar = tqdm(total=len(entries), desc=f"import {name}", unit="sample",
                    disable=not progress)
         with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
             # Decoding and hashing release the GIL; map() keeps file order, so ids are stable.
-            for entry, modality, digest, error in pool.map(_checked, layout.entries):
+            for entry, modality, digest, error in pool.map(_checked, entries):
                 bar.update(1)
                 if error is not None:
                     summary.broken.append((entry.where, error))
                     continue
                 if dataset is None:
                     summary.modality = "video" if fmt in VIDEO_FORMATS else modality
-                    labels = layout.label_set or _smallest_label_set(e.label for e in layout.entries)
+                    labels = layout.label_set or _smallest_label_set(e.label for e in entries)
                     dataset = _dataset_row(session, name, fmt, root, summary.modality, labels,
                                            min_submitted)
-                    known = set(session.scalars(select(Sample.content_hash)
-                                                .where(Sample.dataset_id == dataset.id)))
+                    # The flag only, not whole meta dicts: a dataset may hold 400k samples.
+                    known = {h: (i, flag) for i, h, flag in session.execute(
+                        select(Sample.id, Sample.content_hash, Sample.meta["aligned"].as_boolean())
+                        .where(Sample.dataset_id == dataset.id))}
                 if modality != summary.modality:
                     summary.broken.append((entry.where, f"a {modality} in a {summary.modality} dataset"))
                     continue
@@ -744,8 +1230,13 @@ def import_dataset(fmt: str, path: str | os.PathLike, name: str | None = None,
                 summary.by_split[entry.split] += 1
                 if digest in known:
                     summary.skipped += 1
+                    sample_id, flag = known[digest]
+                    if "aligned" in entry.meta and flag != entry.meta["aligned"]:
+                        known[digest] = (sample_id, entry.meta["aligned"])
+                        if sample_id > 0:   # not a twin of a sample added by this import
+                            relabelled[sample_id] = entry.meta["aligned"]
                     continue
-                known.add(digest)
+                known[digest] = (-1, entry.meta.get("aligned"))
                 pending.append({"dataset_id": dataset.id, "media_path": str(entry.media.resolve()),
                                 "content_hash": digest, "modality": modality, "label": entry.label,
                                 "split": entry.split, "meta": entry.meta, "created_at": utcnow()})
@@ -757,7 +1248,24 @@ def import_dataset(fmt: str, path: str | os.PathLike, name: str | None = None,
         added = _insert(session, pending)
         summary.added += added
         summary.skipped += len(pending) - added
+        ids = sorted(relabelled)
+        for start in range(0, len(ids), BATCH):
+            chunk = ids[start:start + BATCH]
+            metas = dict(session.execute(select(Sample.id, Sample.meta).where(Sample.id.in_(chunk))).all())
+            session.execute(update(Sample), [  # by primary key
+                {"id": i, "meta": {**(metas.get(i) or {}), "aligned": relabelled[i]}} for i in chunk])
+            session.commit()
         bar.close()
+    if relabelled:
+        marked = sum(relabelled.values())
+        if marked:
+            summary.notes.append(f"{marked} samples already in the store now marked as face crops")
+        if len(relabelled) - marked:
+            summary.notes.append(f"{len(relabelled) - marked} samples already in the store no "
+                                 "longer marked as face crops")
+    # Whatever a reader or decoder put into a message, it reaches people escaped and capped.
+    summary.broken = [(_clean(where, 120), _clean(reason)) for where, reason in summary.broken]
+    summary.notes = [_clean(note) for note in summary.notes]
     return summary
 
 

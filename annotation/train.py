@@ -305,7 +305,8 @@ def train_job(job_id: int, resume: bool = False, url: str | None = None) -> int:
             path = record.get("image") or record.get("video")
             media = load_media(path, num_frames=num_frames)
             if path not in faces_cache:
-                faces_cache[path] = [analyzer.analyze(frame) for frame in media.frames]
+                faces_cache[path] = [analyzer.analyze(frame, aligned=bool(record.get("aligned")))
+                                     for frame in media.frames]
             question, answer = question_and_answer(record, core.config)
             return core.prepare(media.frames, faces_cache[path], question), answer
 

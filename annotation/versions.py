@@ -12,6 +12,7 @@ Publishing or rolling back hot-swaps the engine of this process when one is runn
 from __future__ import annotations
 
 import logging
+import threading
 from pathlib import Path
 
 from sqlalchemy import select
@@ -57,7 +58,16 @@ def version_folder(name_or_folder: str, url: str | None = None) -> str:
 
 
 def serving_version(url: str | None = None) -> dict | None:
-    return next((v for v in list_versions(url) if v["is_serving"]), None)
+    """The version the registry marks as serving, or None. One small query (the registry is a
+    handful of rows): the web process polls it every few seconds to follow publishes and
+    rollbacks made by other processes (the CLI, a fine-tune job, another replica)."""
+    with session_scope(url) as s:
+        row = s.scalars(select(ModelVersion).where(ModelVersion.is_serving)
+                        .order_by(ModelVersion.id).limit(1)).first()
+        if row is None:
+            return None
+        parent = s.get(ModelVersion, row.parent_id) if row.parent_id else None
+        return _as_dict(row, {parent.id: parent.name} if parent else {})
 
 
 def register_version(name: str, folder: str | Path, parent: str | None = None,
@@ -187,14 +197,23 @@ def _serve(name: str, url: str | None) -> dict:
     return version
 
 
+_activate_lock = threading.Lock()
+
+
 def activate_in_engine(version: dict) -> bool:
-    """Hot-swap the running engine of this process (if any) to `version`."""
+    """Hot-swap the running engine of this process (if any) to `version`.
+
+    One swap at a time: the registry watcher of the web process and a publish from the page
+    (or a finished job's poll) may ask for the same version together; the second finds it
+    serving and returns without loading it twice.
+    """
     import core.engine as engine_module
 
     engine = getattr(engine_module, "_shared", None)  # never start an engine just to swap it
     if engine is None:
         return False
-    if engine.info["model_version"].split(":")[-1] == version["name"]:
-        return True
-    engine.load_version(version["folder"], name=version["name"])
+    with _activate_lock:
+        if engine.info["model_version"].split(":")[-1] == version["name"]:
+            return True
+        engine.load_version(version["folder"], name=version["name"])
     return True

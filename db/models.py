@@ -2,7 +2,8 @@
 
     Dataset 1─* Sample 1─* Suggestion        machine text, never edited
                        1─* Response 1─* ResponseHistory, Review     one annotator's correction
-    User, Claim (queue leases), ExportSnapshot, FinetuneJob, ModelVersion, Preference, ExplainCache
+    User, Claim (queue leases), ExportSnapshot, FinetuneJob, ModelVersion, Preference, ExplainCache,
+    GeminiBatch (a Gemini Batch API job: its id, state, requests and what it cost)
 
 Schema changes go through Alembic (db/migrations); `db.session.init_db()` upgrades on start.
 """
@@ -201,3 +202,43 @@ class Preference(Base):
     winner: Mapped[str] = mapped_column(String(8))                  # left | right | tie
     user_id: Mapped[int | None] = mapped_column(ForeignKey("users.id"))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class GeminiBatch(Base):
+    """One Gemini Batch API job over a dataset (annotation/gemini_batch.py).
+
+    The row is written before anything is uploaded or submitted, so a restart finds it: with
+    `name` set it re-attaches to the job; without, it looks the job up by `display_name` (a
+    create that succeeded just before a kill) before it would ever submit again.
+    """
+    __tablename__ = "gemini_batches"
+    __table_args__ = (Index("ix_gemini_batches_dataset_state", "dataset_id", "state"),)
+    id: Mapped[int] = mapped_column(primary_key=True)
+    dataset_id: Mapped[int] = mapped_column(ForeignKey("datasets.id", ondelete="CASCADE"))
+    model: Mapped[str] = mapped_column(String(80))
+    source: Mapped[str] = mapped_column(String(80))                 # gemini:<model>
+    prompt_version: Mapped[str] = mapped_column(String(32))
+    display_name: Mapped[str] = mapped_column(String(128), unique=True)
+    name: Mapped[str | None] = mapped_column(String(128), unique=True)  # batches/<id> at Google
+    # PREPARING -> SUBMITTING -> JOB_STATE_PENDING/RUNNING -> JOB_STATE_SUCCEEDED/FAILED/
+    # CANCELLED/EXPIRED (Google's); `ingested_at` is set once the answers are stored.
+    state: Mapped[str] = mapped_column(String(32), default="PREPARING")
+    input_file: Mapped[str | None] = mapped_column(String(128))     # files/<id> (the JSONL)
+    output_file: Mapped[str | None] = mapped_column(String(128))    # dest.file_name
+    items: Mapped[list] = mapped_column(JSON, default=list)         # [{key, sample_id, replaces}]
+    frames: Mapped[int] = mapped_column(Integer, default=1)
+    requests: Mapped[int] = mapped_column(Integer, default=0)
+    ok: Mapped[int] = mapped_column(Integer, default=0)
+    rejected: Mapped[int] = mapped_column(Integer, default=0)
+    failed: Mapped[int] = mapped_column(Integer, default=0)
+    failures: Mapped[dict] = mapped_column(JSON, default=dict)      # sample id -> error code
+    rejected_by_reason: Mapped[dict] = mapped_column(JSON, default=dict)
+    estimated_tokens: Mapped[int] = mapped_column(Integer, default=0)  # before the answers
+    input_tokens: Mapped[int] = mapped_column(Integer, default=0)
+    output_tokens: Mapped[int] = mapped_column(Integer, default=0)
+    error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    submitted_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    ingested_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))

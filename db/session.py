@@ -35,7 +35,10 @@ def data_dir() -> Path:
 
 
 def database_url() -> str:
-    return os.environ.get("EMO_DB_URL") or f"sqlite:///{data_dir() / 'emo_studio.db'}"
+    url = os.environ.get("EMO_DB_URL") or f"sqlite:///{data_dir() / 'emo_studio.db'}"
+    # psycopg 3 is the driver we ship; SQLAlchemy reads a bare postgresql:// as psycopg2.
+    scheme, sep, rest = url.partition("://")
+    return f"postgresql+psycopg://{rest}" if sep and scheme in ("postgresql", "postgres") else url
 
 
 def _sqlite_pragmas(dbapi_connection, _record) -> None:
@@ -97,14 +100,89 @@ def init_db(url: str | None = None) -> None:
     from alembic.runtime.migration import MigrationContext
     from alembic.script import ScriptDirectory
 
+    from alembic.util.exc import CommandError
+    from sqlalchemy import inspect
+    from sqlalchemy.exc import OperationalError
+
+    from core.errors import UserError
+
     config = alembic_config(url)
-    head = ScriptDirectory.from_config(config).get_current_head()
-    with get_engine(url).connect() as connection:
-        current = MigrationContext.configure(connection).get_current_revision()
+    scripts = ScriptDirectory.from_config(config)
+    head = scripts.get_current_head()
+    where = _describe(url)
+    try:
+        with get_engine(url).connect() as connection:
+            current = MigrationContext.configure(connection).get_current_revision()
+            tables = set(inspect(connection).get_table_names()) - {"alembic_version"}
+    except OperationalError as exc:
+        raise UserError(f"cannot open the database {where} ({_first_line(exc.orig)}): check "
+                        "that its folder exists and is writable, or set EMO_DB_URL / "
+                        "EMO_DATA_DIR") from None
     if current == head:
         return  # the common case on start: nothing to do
+    if current is None and tables:
+        # Upgrading would try to create tables that exist: not ours, or its record was lost.
+        raise UserError(f"the database {where} has tables ({', '.join(sorted(tables)[:3])}"
+                        f"{', ...' if len(tables) > 3 else ''}) but no alembic_version record, "
+                        "so its schema version is unknown: point EMO_DB_URL (or EMO_DATA_DIR) "
+                        "at a new database, or restore a backup of this app's store")
+    if current is not None:
+        try:
+            known = scripts.get_revision(current) is not None
+        except CommandError:
+            known = False
+        if not known:
+            raise UserError(f"the database {where} is at schema revision {current}, which this "
+                            f"version of the app does not know (it knows up to {head}): a newer "
+                            "release wrote it; run that release, or use a backup from before "
+                            "the upgrade")
     log.info("upgrading the database schema from %s to %s", current or "empty", head)
     command.upgrade(config, "head")
+
+
+def _describe(url: str | None) -> str:
+    """The database without credentials: a SQLite file's path, else the URL, password hidden."""
+    database = sqlite_path(url)
+    if database is not None:
+        return str(database)
+    return make_url(url or database_url()).render_as_string(hide_password=True)
+
+
+def _first_line(exc: BaseException | None) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+
+
+def check_store_writable(url: str | None = None) -> None:
+    """Refuse to start when the data folder (or the SQLite file's folder) cannot be written.
+
+    Checked with a real file, not permission bits, so it holds for root, read-only mounts and
+    ACLs alike; a read-only store otherwise fails later with a traceback from SQLite or the
+    secret key. UserError names the folder and what to do.
+    """
+    import tempfile
+
+    from core.errors import UserError
+
+    def probe(folder: Path) -> None:
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryFile(dir=folder, prefix=".write-check-"):
+                pass
+        except OSError as exc:
+            raise UserError(f"the data folder {folder} is not writable ({exc.strerror or exc}): "
+                            "make it writable for this user, or point EMO_DATA_DIR (and "
+                            "EMO_DB_URL) at a folder that is") from None
+
+    folder = Path(os.environ.get("EMO_DATA_DIR", "data")).resolve()
+    probe(folder)  # first: the default database URL is inside it
+    database = sqlite_path(url)
+    if database is None:
+        return
+    if database.resolve().parent != folder:
+        probe(database.resolve().parent)
+    if database.exists() and not os.access(database, os.W_OK):
+        raise UserError(f"the database file {database} is read-only: make it writable for "
+                        "this user, or point EMO_DB_URL at another store")
 
 
 @contextmanager

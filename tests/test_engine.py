@@ -53,6 +53,33 @@ def test_prior_only_mode_says_so_and_never_invents(files):
         engine.close()
 
 
+def test_face_crops_and_face_notes_reach_every_mode(engine, files, tmp_path):
+    """aligned=True travels with the request to the analyser, in prior-only and checkpoint mode,
+    alone and in a batch with ordinary requests; what the analyser says lands in the note."""
+    import cv2
+
+    crop = write_image(tmp_path / "crop.png", cv2.resize(face_photo()[40:200, 150:300], (48, 48)))
+    tiny = write_image(tmp_path / "tiny.png", face_photo()[::32, ::32])  # 16x16
+    prior_only = Engine(None, EngineConfig(num_frames=4))
+    try:
+        for eng in (prior_only, engine):
+            streams = [eng.stream(path, aligned=aligned, explain=False)
+                       for path, aligned in ((crop, True), (files["face"], False), (tiny, False),
+                                             (tiny, True))]
+            results = [next(e for e in s if e["event"] == "done")["result"] for s in streams]
+            as_crop, photo, too_small, tiny_crop = results
+            assert as_crop["media"]["aligned"] is True and as_crop["faces"][0]["box"] == [0, 0, 48, 48]
+            assert photo["media"]["aligned"] is False and photo["faces"][0]["box"][0] > 100
+            assert too_small["faces"] == [] and too_small["faces_found"] == 0
+            assert too_small["note"].startswith("Too small to find a face (16×16; at least 20 px a side).")
+            assert len(tiny_crop["faces"]) == 1 and "Too small" not in tiny_crop["note"]
+            assert (as_crop["label"] is not None and tiny_crop["label"] is not None)
+        assert too_small["label"] is not None  # a checkpoint answers from the whole frame
+        assert "No face found" in too_small["note"] and "TEST FIXTURE" in too_small["note"]
+    finally:
+        prior_only.close()
+
+
 def test_tiny_model_answers_are_labelled_as_a_test_fixture(engine, files):
     result = engine.predict(files["face"])
     assert result["model_version"].startswith("tiny-test-fixture:") and result["mode"] == "tiny-test-fixture"

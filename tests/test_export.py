@@ -15,6 +15,9 @@ from core.errors import UserError
 from db.models import ExportSnapshot, Sample, Suggestion
 from db.session import session_scope
 
+# Each test that uses db_url runs on SQLite and on a real PostgreSQL (tests/conftest.py).
+STORE_BACKENDS = ("sqlite", "postgresql")
+
 
 @pytest.fixture
 def reviewed(db_url, small_dataset, fast_passwords):
@@ -76,8 +79,11 @@ def test_export_is_byte_identical_and_immutable(reviewed, tmp_path):
     assert files and all(filecmp.cmp(kept / f, second.path / f, shallow=False) for f in files)
     assert sorted(p.relative_to(second.path) for p in second.path.rglob("*") if p.is_file()) == files
 
-    third = export_dataset("faces", tmp_path / "elsewhere", url=url)
-    assert third.reused and third.id == first.id and third.path == first.path
+    third = export_dataset("faces", tmp_path / "elsewhere", url=url)   # unchanged data, new --out
+    assert third.reused and third.id == first.id and third.copied_from == first.path
+    assert third.path == (tmp_path / "elsewhere" / first.path.name).resolve()
+    assert all(filecmp.cmp(kept / f, third.path / f, shallow=False) for f in files)
+    assert resolve_snapshot(first.id, url=url) == first.path        # the registry keeps its folder
 
     workflow.review("rita", workflow.next_review("rita", "faces", url=url)["response_id"],
                     "accepted", url=url)           # 002's edit accepted: new data, new snapshot
@@ -136,3 +142,37 @@ def test_nothing_to_export_and_cli(db_url, small_dataset, tmp_path, monkeypatch,
                      "--include-suggestions", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["n_samples"] == 1 and (tmp_path / f"faces-{out['content_hash'][:12]}").is_dir()
+
+
+def test_cli_export_of_unchanged_data_puts_the_snapshot_in_the_folder_asked_for(reviewed, tmp_path):
+    """`export --out DIR` twice with unchanged data: DIR holds the files, and the CLI says so."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    url, _ = reviewed
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "EMO_DB_URL": url, "EMO_DATA_DIR": str(tmp_path / "data")}
+
+    def export(out: Path) -> dict:
+        done = subprocess.run([sys.executable, str(repo / "app.py"), "export", "--dataset",
+                               "faces", "--out", str(out), "--json"], cwd=tmp_path, env=env,
+                              capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr
+        return json.loads(done.stdout)
+
+    first = export(tmp_path / "first")
+    second = export(tmp_path / "second")
+    assert second["reused"] and second["id"] == first["id"]
+    assert Path(second["path"]).parent == (tmp_path / "second").resolve()
+    assert second["copied_from"] == first["path"]
+    files = sorted(p.relative_to(first["path"]) for p in Path(first["path"]).rglob("*") if p.is_file())
+    assert files and all(filecmp.cmp(Path(first["path"]) / f, Path(second["path"]) / f,
+                                     shallow=False) for f in files)
+    done = subprocess.run([sys.executable, str(repo / "app.py"), "export", "--dataset", "faces",
+                           "--out", str(tmp_path / "second")], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and "unchanged since snapshot" in done.stdout
+    assert str((tmp_path / "second").resolve()) in done.stdout   # where the files are
+    assert "nothing new written" in done.stdout                  # already there: said so

@@ -33,7 +33,9 @@ def test_smiling_face_is_found_and_happy(analyzer):
     assert max(face.prior, key=face.prior.get) == "happiness" and face.prior["happiness"] > 0.5
     assert sum(face.prior.values()) == pytest.approx(1.0, abs=1e-4)
     assert face.embedding.shape == (128,) and np.isfinite(face.embedding).all()
-    assert face.attributes is None  # no attribute network configured: absent, not invented
+    # Attributes come only from a configured network (the default age/gender one gives no
+    # race): whatever it does not estimate stays empty, never invented.
+    assert face.attributes is None or face.attributes.race == ""
     left_eye, right_eye, nose, mouth_l, mouth_r = face.landmarks
     assert left_eye[0] < nose[0] < right_eye[0] and nose[1] < mouth_l[1]
 
@@ -137,6 +139,20 @@ def test_faces_command_on_a_video_reports_faces_per_frame(tmp_path):
     out = json.loads(result.stdout)
     assert out["media"]["kind"] == "video" and out["media"]["frame_count"] == 12
     assert sorted({f["frame"] for f in out["faces"]}) == [0, 1, 2, 3]
+
+
+def test_faces_command_on_a_face_crop_and_on_a_tiny_image(tmp_path):
+    import cv2
+
+    crop = write_image(tmp_path / "crop.png", cv2.resize(face_photo()[40:200, 150:300], (48, 48)))
+    result = _run("faces", str(crop), "--aligned", "--json")
+    assert result.returncode == 0, result.stderr
+    out = json.loads(result.stdout)
+    assert out["faces_found"] == 1 and out["notes"] == [] and out["faces"][0]["box"] == [0, 0, 48, 48]
+    tiny = write_image(tmp_path / "tiny.png", face_photo()[::40, ::40])  # 13x13
+    result = _run("faces", str(tiny))
+    assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr
+    assert "note: too small to find a face (13×13; at least 20 px a side)" in result.stdout
 
 
 def test_faces_command_bad_file_is_one_line_error(tmp_path):

@@ -2,6 +2,10 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -75,6 +79,8 @@ def test_rafdb_import_is_idempotent_and_reports_broken_rows(db_url, tmp_path):
     assert by_file["train_00002.jpg"].meta["variant"] == "original"
     assert by_file["train_00001.jpg"].meta["variant"] == "aligned"
     assert by_file["train_00001.jpg"].label == "surprise"  # code 1
+    assert by_file["train_00001.jpg"].meta["aligned"] is True     # aligned/: a face crop
+    assert by_file["train_00002.jpg"].meta["aligned"] is False    # original photo
     assert by_file["test_0007.jpg"].split == "test" and by_file["test_0007.jpg"].label == "neutral"
     assert all(r.content_hash == content_hash(r.media_path) for r in rows)
 
@@ -295,3 +301,209 @@ def test_cli_format_list_matches_importers():
     from annotation import cli_data
 
     assert cli_data.FORMATS == FORMATS
+
+
+# ----------------------------------------------------------------------------- through the CLI
+# (a subprocess, as a user runs it: what reaches the terminal is what is asserted)
+
+REPO = Path(__file__).resolve().parents[1]
+SECRET = "sk-live-0123456789abcdefSECRET"
+PASSWORD = "hunter2-admin-PASSWORD"
+
+
+def cli(tmp_path, db_url, *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "EMO_DB_URL": db_url, "EMO_DATA_DIR": str(tmp_path / "data"),
+           "PYTHONUNBUFFERED": "1"}
+    env.pop("EMO_IMPORT_ROOTS", None)
+    return subprocess.run([sys.executable, str(REPO / "app.py"), *args], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_quote_is_short_and_escaped():
+    from annotation.importers import _quote
+
+    quoted = _quote("GEMINI_API_KEY=" + SECRET + "\n\x00\x1b[31m" * 20)
+    assert len(quoted) <= 40 + 3 and quoted.startswith("'GEMINI_API_KEY=") and quoted.endswith("…'")
+    assert not any(ch in quoted for ch in "\n\x00\x1b\r")
+    assert _quote("a\rb\x00c") == "'a\\rb\\x00c'"                 # repr-like escapes
+    assert _quote("/very/long/" + "x" * 80 + "/zzz.png", tail=True).endswith("/zzz.png'")
+
+
+def test_an_environment_dump_imported_as_csv_never_shows_its_secrets(tmp_path, db_url):
+    """/proc/self/environ through the CLI: every row broken, no value of it in any message."""
+    lines = [f"GEMINI_API_KEY={SECRET}", f"EMO_ADMIN_PASSWORD={PASSWORD}",
+             f"LIST=a,{SECRET},{PASSWORD}",                   # commas: cells of a 'CSV'
+             f"X=1,GEMINI_API_KEY={SECRET}{SECRET}"]
+    environ = tmp_path / "environ"
+    environ.write_text("\n".join(lines) + "\n")
+    nul = tmp_path / "environ-nul"                            # the real file's NUL separators
+    nul.write_bytes(b"\0".join(line.encode() for line in lines) + b"\0")
+    for path in (environ, nul):
+        for extra in ((), ("--json",)):
+            done = cli(tmp_path, db_url, "import", "--format", "csv", str(path), "--quiet", *extra)
+            shown = done.stdout + done.stderr
+            assert done.returncode == 0, shown
+            assert "Traceback" not in shown
+            for secret in (SECRET, PASSWORD, SECRET[:12], PASSWORD[:10]):
+                assert secret not in shown, (secret, shown)
+            if extra:
+                summary = json.loads(done.stdout)
+                assert summary["added"] == 0 and summary["broken"]
+                assert all(len(b["reason"]) <= 300 for b in summary["broken"])
+
+
+def test_the_store_s_own_files_are_not_importable_even_from_the_cli(tmp_path, db_url):
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "secret_key").write_text(f"{SECRET}\n")
+    store = db_url.removeprefix("sqlite:///")
+    for path in (str(data / "secret_key"), store, str(data)):
+        done = cli(tmp_path, db_url, "import", "--format", "csv", path)
+        assert done.returncode == 2 and done.stdout == ""
+        assert done.stderr.startswith("error:") and done.stderr.count("\n") == 1, done.stderr
+        assert "store's own files" in done.stderr and SECRET not in done.stderr
+    # A CSV row naming the key file: a broken row, not a sample.
+    (tmp_path / "rows.csv").write_text(f"{data / 'secret_key'},happy\n")
+    done = cli(tmp_path, db_url, "import", "--format", "csv", str(tmp_path / "rows.csv"), "--json")
+    summary = json.loads(done.stdout)
+    assert summary["added"] == 0 and "store's own files" in summary["broken"][0]["reason"]
+    assert SECRET not in done.stdout + done.stderr
+
+
+def test_malformed_csv_rows_are_reported_never_fatal(tmp_path, db_url):
+    """Stray CR, NUL, undecodable bytes, a huge field, an unclosed quote: reported rows."""
+    for i in range(3):
+        write_png(tmp_path / "img" / f"{i}.png", 500 + i)
+    rows = [b"path,label,split", b"img/0.png,happy,train",
+            b"img/1.png,sa\rd,train",                       # a stray CR inside a field
+            b"img/\x00x.png,happy,train",                   # a NUL byte
+            b"img/\xff\xfe.png,happy,train",               # not UTF-8
+            b"img/big.png," + b"y" * 300_000 + b",train",   # over the csv field limit
+            b"img/2.png,angry,test",
+            b'"img/unclosed.png,happy,train', b"img/x.png,happy,train"]   # an unclosed quote to EOF
+    (tmp_path / "bad.csv").write_bytes(b"\n".join(rows) + b"\n")
+    done = cli(tmp_path, db_url, "import", "--format", "csv", str(tmp_path / "bad.csv"), "--json")
+    assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr
+    summary = json.loads(done.stdout)
+    assert summary["added"] == 2 and summary["by_split"] == {"test": 1, "train": 1}
+    broken = {b["where"]: b["reason"] for b in summary["broken"]}
+    assert "carriage return" in broken["bad.csv:3"]
+    assert "control or undecodable" in broken["bad.csv:4"]
+    assert "control or undecodable" in broken["bad.csv:5"]
+    assert "over 131,072 characters" in broken["bad.csv:6"]
+    assert "unclosed quote" in broken["bad.csv:8-9"]
+    assert "yyyy" not in done.stdout
+    plain = cli(tmp_path, db_url, "import", "--format", "csv", str(tmp_path / "bad.csv"))
+    assert plain.returncode == 0 and "2 already there, 5 broken" in plain.stdout, plain.stdout
+
+
+def fer2013_rows() -> tuple[list[str], dict]:
+    """FER2013's own layout: emotion,pixels,Usage; good rows of each usage and broken ones."""
+    rng = np.random.default_rng(13)
+    crop = lambda: " ".join(str(v) for v in rng.integers(0, 256, 48 * 48))  # noqa: E731
+    good = [(3, "Training"), (0, "Training"), (6, "PublicTest"), (4, "PrivateTest"),
+            (5, "PrivateTest")]
+    rows = ["emotion,pixels,Usage"] + [f"{code},{crop()},{usage}" for code, usage in good]
+    rows.append(rows[1])                                         # a duplicate crop: stored once
+    rows += [f"2,{crop()[:-4]},Training",                        # 2303 values
+             f"1,{crop().replace(' ', ' x', 1)},Training",       # non-numeric
+             f"2,{' '.join(['300'] * 2304)},Training",           # out of range
+             f"9,{crop()},Training",                             # no such emotion
+             f"2,{crop()},Holdout"]                              # unknown usage
+    return rows, {"good": good}
+
+
+def test_fer2013_csv_import_through_the_cli(tmp_path, db_url):
+    rows, _ = fer2013_rows()
+    table = tmp_path / "fer2013.csv"
+    table.write_text("\n".join(rows) + "\n")
+    done = cli(tmp_path, db_url, "import", "--format", "fer2013", str(table), "--json")
+    assert done.returncode == 0, done.stderr
+    summary = json.loads(done.stdout)
+    assert summary["dataset"] == "fer2013" and summary["added"] == 5 and summary["skipped"] == 1
+    assert summary["by_split"] == {"test": 2, "train": 3, "val": 1}
+    assert summary["by_label"] == {"anger": 1, "happiness": 2, "neutral": 1, "sadness": 1,
+                                   "surprise": 1}
+    reasons_ = [b["reason"] for b in summary["broken"]]
+    assert len(reasons_) == 5, reasons_
+    assert any("2303 pixel values, expected 2304" in r for r in reasons_)
+    assert any("pixel value 'x" in r and "is not a whole number" in r for r in reasons_)
+    assert any("0-255" in r for r in reasons_)
+    assert any("emotion '9' is not 0-6" in r for r in reasons_)
+    assert any("Usage 'Holdout' is not Training, PublicTest or PrivateTest" in r for r in reasons_)
+
+    stored = samples(db_url, "fer2013")
+    assert len(stored) == 5 and all(r.meta["aligned"] is True for r in stored)
+    root = (tmp_path / "data" / "datasets" / "fer2013").resolve()
+    for row in stored:
+        path = Path(row.media_path)
+        assert path.parent == root / row.split and path.suffix == ".png"
+        with Image.open(path) as img:
+            assert img.size == (48, 48) and img.mode == "L"
+        assert row.content_hash == content_hash(path)
+    assert {(r.label, r.split, r.meta["usage"]) for r in stored} >= {
+        ("happiness", "train", "Training"), ("neutral", "val", "PublicTest"),
+        ("sadness", "test", "PrivateTest")}
+
+    again = cli(tmp_path, db_url, "import", "--format", "fer2013", str(table), "--json")
+    assert json.loads(again.stdout)["added"] == 0 and json.loads(again.stdout)["skipped"] == 6
+    assert len(samples(db_url, "fer2013")) == 5
+
+    only = cli(tmp_path, db_url, "import", "--format", "fer2013", str(table), "--name", "ferpt",
+               "--split", "test", "--json")
+    summary = json.loads(only.stdout)
+    assert summary["added"] == 2 and summary["by_split"] == {"test": 2}
+    # The usage is read before the pixels: other splits' rows are left out, broken or not.
+    assert summary["excluded"] == {"train rows (not --split test)": 6,
+                                   "val rows (not --split test)": 1}
+
+
+def test_fer2013_real_excerpt_when_present(tmp_path, db_url):
+    """The 280 real rows in ../shared (absent in a fresh clone: then skipped)."""
+    excerpt = REPO.parent / "shared" / "data" / "fer2013" / "fer2013-excerpt.csv"
+    if not excerpt.exists():
+        pytest.skip("no ../shared/data/fer2013 here")
+    summary = import_dataset("fer2013", excerpt, "ferx", url=db_url, progress=False,
+                             media_dir=tmp_path / "media")
+    assert not summary.broken and summary.added + summary.skipped == 280
+    assert summary.by_split == {"train": 140, "val": 140}
+    assert set(summary.by_label.values()) == {40}
+
+
+@pytest.mark.store_backends("sqlite", "postgresql")   # the face-crop flag is read with JSON SQL
+def test_folder_split_folders_split_option_and_face_crops(tmp_path, db_url):
+    fer = tmp_path / "fer2013"
+    for i, (split, label) in enumerate([("train", "happy"), ("train", "angry"), ("validation", "sad"),
+                                        ("test", "neutral"), ("test", "fear")]):
+        write_png(fer / split / label / f"{i}.png", 700 + i)
+    done = cli(tmp_path, db_url, "import", "--format", "folder", str(fer), "--aligned", "--json")
+    summary = json.loads(done.stdout)
+    assert summary["by_split"] == {"test": 2, "train": 2, "val": 1}, done.stdout
+    assert all(r.meta["aligned"] is True for r in samples(db_url, "fer2013"))
+
+    plus = tmp_path / "ferplus-folders"                         # FERPlus-style names
+    for i, split in enumerate(["FER2013Train", "FER2013Valid", "FER2013Test"]):
+        write_png(plus / split / "happy" / f"{i}.png", 800 + i)
+    summary = json.loads(cli(tmp_path, db_url, "import", "--format", "folder", str(plus),
+                             "--json").stdout)
+    assert summary["by_split"] == {"test": 1, "train": 1, "val": 1}
+
+    flat = tmp_path / "flat"                                    # no split folders
+    write_png(flat / "happy" / "a.png", 900)
+    write_png(flat / "sad" / "b.png", 901)
+    summary = json.loads(cli(tmp_path, db_url, "import", "--format", "folder", str(flat),
+                             "--split", "test", "--json").stdout)
+    assert summary["by_split"] == {"test": 2}
+    assert {r.split for r in samples(db_url, "flat")} == {"test"}
+    assert all("aligned" not in r.meta for r in samples(db_url, "flat"))
+
+    # --split with split folders: only that split; --no-aligned updates what is stored.
+    done = cli(tmp_path, db_url, "import", "--format", "folder", str(fer), "--split", "val",
+               "--no-aligned")
+    assert done.returncode == 0 and "1 already there" in done.stdout, done.stdout
+    assert "no longer marked as face crops" in done.stdout
+    flags = {r.split: r.meta["aligned"] for r in samples(db_url, "fer2013")}
+    assert flags == {"val": False, "train": True, "test": True}
+
+    bad = cli(tmp_path, db_url, "import", "--format", "folder", str(flat), "--split", "holdout")
+    assert bad.returncode == 2 and "invalid choice" in bad.stderr

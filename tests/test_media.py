@@ -8,7 +8,8 @@ from PIL import Image
 from core.errors import MediaError
 from core.media import (MediaLimits, center_frame, fps_indices, load_image, load_media,
                         load_video, probe_video, sample_indices)
-from tests.media_files import face_photo, ramp_frames, truncated_copy, write_image, write_video
+from tests.media_files import (audio_only_mp4, face_photo, ramp_frames, truncated_copy, write_image,
+                               write_video)
 
 
 @pytest.mark.parametrize("name,mode", [("rgb.jpg", "RGB"), ("grey.png", "L"), ("rgba.png", "RGBA"),
@@ -136,16 +137,7 @@ def test_broken_videos_raise_one_media_error(tmp_path, case):
         path = tmp_path / "bad.mp4"
         path.touch()
     elif case == "audio_only":
-        import av
-
-        path = tmp_path / "bad.m4a.mp4"
-        with av.open(str(path), "w") as container:
-            stream = container.add_stream("aac", rate=8000)
-            frame = av.AudioFrame.from_ndarray(np.zeros((1, 1024), dtype=np.float32), format="fltp",
-                                               layout="mono")
-            frame.sample_rate = 8000
-            for packet in [*stream.encode(frame), *stream.encode()]:
-                container.mux(packet)
+        path = audio_only_mp4(tmp_path / "bad.m4a.mp4")
     else:
         path = tmp_path / "frames"
         path.mkdir()
@@ -161,3 +153,135 @@ def test_load_media_dispatches_on_content(tmp_path):
     no_ext = tmp_path / "photo"
     no_ext.write_bytes(img.read_bytes())
     assert load_media(no_ext).kind == "image"
+
+
+# ------------------------------------------------------------- header-first limits (issue 14)
+
+def test_probe_image_reads_the_header_only(tmp_path):
+    from core.media import probe_image
+    from tests.media_files import png_claiming
+
+    photo = write_image(tmp_path / "a.png", face_photo())
+    assert probe_image(photo) == {"width": 512, "height": 512, "format": "PNG", "mode": "RGB",
+                                  "frames": 1}
+    # 30000 x 30000 declared in a file of ~100 bytes: refused before a pixel is decoded.
+    huge = png_claiming(tmp_path / "huge.png", 30000, 30000)
+    assert huge.stat().st_size < 200
+    for call in (probe_image, load_image, load_media):
+        with pytest.raises(MediaError, match="megapixel limit"):
+            call(huge)
+    # Under Pillow's own bomb threshold but over ours: our limit, with the real size.
+    with pytest.raises(MediaError, match="13000x13000 is over the 40 megapixel limit"):
+        load_image(png_claiming(tmp_path / "big.png", 13000, 13000))
+
+
+def test_animated_gif_frames_are_counted_and_limited(tmp_path):
+    from core.media import probe_image
+
+    frames = [Image.fromarray(np.full((16, 16, 3), 40 * i, dtype=np.uint8)) for i in range(5)]
+    gif = tmp_path / "anim.gif"
+    frames[0].save(gif, save_all=True, append_images=frames[1:], duration=50)
+    assert probe_image(gif)["frames"] == 5
+    assert load_image(gif).shape == (16, 16, 3)  # the first frame
+    with pytest.raises(MediaError, match="5 frames is over the 4 frame limit"):
+        load_image(gif, MediaLimits(max_image_frames=4))
+
+
+def test_big_images_are_scaled_down_right_after_decoding(tmp_path):
+    limits = MediaLimits(max_side=256)
+    png = write_image(tmp_path / "a.png", face_photo())
+    media = load_media(png, limits=limits)
+    assert media.frames[0].shape == (256, 256, 3)
+    assert media.meta == {"width": 256, "height": 256, "original_size": [512, 512]}
+    # A JPEG is decoded at a reduced scale by libjpeg, then resized to the exact side.
+    wide = np.ascontiguousarray(np.concatenate([face_photo()] * 3, axis=1)[:400])  # 1536 x 400
+    jpeg = write_image(tmp_path / "wide.jpg", wide, quality=90)
+    small = load_image(jpeg, limits)
+    assert small.shape == (67, 256, 3)
+    assert abs(float(small.mean()) - float(wide.mean())) < 3  # the same picture, smaller
+    assert load_image(jpeg, MediaLimits(max_side=None)).shape == (400, 1536, 3)
+
+
+def test_exif_turn_and_scale_down_together(tmp_path):
+    wide = np.zeros((200, 400, 3), dtype=np.uint8)
+    wide[:, :200] = 255  # white left half
+    img = Image.fromarray(wide)
+    exif = img.getexif()
+    exif[0x0112] = 6
+    path = tmp_path / "rotated.jpg"
+    img.save(path, exif=exif, quality=95)
+    media = load_media(path, limits=MediaLimits(max_side=100))
+    rgb = media.frames[0]
+    assert rgb.shape == (100, 50, 3) and media.meta["original_size"] == [200, 400]
+    assert rgb[:40].mean() > 200 and rgb[-40:].mean() < 50
+
+
+def test_16_bit_png_is_scaled_down_in_16_bits(tmp_path):
+    deep = (np.asarray(Image.fromarray(face_photo()).convert("L"), dtype=np.uint16) * 257)
+    path = tmp_path / "deep.png"
+    Image.fromarray(deep).save(path)
+    rgb = load_image(path, MediaLimits(max_side=128))
+    assert rgb.shape == (128, 128, 3) and rgb.max() > 200 and 60 < rgb.mean() < 200  # not white
+
+
+def test_heic_and_images_sent_as_videos_say_what_they_are(tmp_path):
+    from core.media import media_kind, probe_image
+    from tests.media_files import heic_like
+
+    heic = heic_like(tmp_path / "IMG_0001.heic")
+    no_suffix = tmp_path / "IMG_0002"
+    no_suffix.write_bytes(heic.read_bytes())
+    for path in (heic, no_suffix):
+        assert media_kind(path) == "image"
+        for call in (load_media, load_image, probe_image, probe_video):
+            with pytest.raises(MediaError, match="HEIC is not supported: convert to JPEG or PNG"):
+                call(path)
+    from PIL import features
+
+    if features.check("avif"):  # AVIF shares HEIF's container and brands, and Pillow reads it
+        avif = write_image(tmp_path / "photo.avif", face_photo())
+        assert load_media(avif).frames[0].shape == (512, 512, 3)
+    png = write_image(tmp_path / "photo.png", face_photo())
+    for call in (load_video, probe_video):
+        with pytest.raises(MediaError, match="photo.png: this is an image, not a video"):
+            call(png)
+
+
+def _av1_ramp(tmp_path, n: int = 30):
+    from tests.media_files import has_encoder
+
+    if not has_encoder("libsvtav1"):
+        pytest.skip("the local PyAV has no AV1 encoder (libsvtav1)")
+    return write_video(tmp_path / "ramp.mkv", ramp_frames(n), fps=10, codec="libsvtav1")
+
+
+def test_pyav_fallback_samples_the_right_frames_of_an_av1_mkv(tmp_path):
+    path = _av1_ramp(tmp_path)
+    media = load_video(path, num_frames=5)  # decord cannot read AV1: this is the PyAV path
+    assert media.meta["frame_count"] == 30 and media.meta["duration_s"] == pytest.approx(3.0)
+    expected = [8 * i for i in media.meta["indices"]]
+    assert np.allclose([float(f.mean()) for f in media.frames], expected, atol=6)
+    assert abs(float(center_frame(path).mean()) - 8 * 15) < 6
+
+
+@pytest.mark.parametrize("unlimited", [float("inf"), None])
+def test_any_limits_the_callers_pass_are_accepted(tmp_path, unlimited):
+    """The web path asked for an unbounded length and got "not a readable video (OverflowError)"."""
+    path = _av1_ramp(tmp_path)
+    limits = MediaLimits(max_video_seconds=unlimited, max_frames=unlimited, max_side=unlimited,
+                         max_image_pixels=unlimited, max_file_bytes=unlimited,
+                         max_video_side=unlimited, max_image_frames=unlimited)
+    assert probe_video(path, limits)["frame_count"] == 30
+    assert len(load_video(path, num_frames=4, limits=limits).frames) == 4
+    assert load_image(write_image(tmp_path / "a.png", face_photo()), limits).shape == (512, 512, 3)
+
+
+def test_video_limits_come_from_the_container_header(tmp_path):
+    from core.media import VideoTooLong
+
+    path = _av1_ramp(tmp_path)
+    with pytest.raises(MediaError, match="64x48 is over the 32 px resolution limit"):
+        probe_video(path, MediaLimits(max_video_side=32))
+    with pytest.raises(VideoTooLong) as too_long:
+        load_video(path, limits=MediaLimits(max_video_seconds=1.0))
+    assert too_long.value.duration_s == pytest.approx(3.0, abs=0.2) and too_long.value.limit_s == 1.0

@@ -31,6 +31,30 @@ def test_confusion_matrix_from_labels_and_absent_classes():
     assert r["n"] == 20 and r["confusion"] == FIXED.tolist()
 
 
+def test_samples_without_an_answer_are_misses_and_counted():
+    """Prior-only mode gives no label where no face is found: a miss in WAR and UAR, counted."""
+    truth = ["neutral"] * 10 + ["happiness"] * 8 + ["sadness"] * 2
+    predicted = (["neutral"] * 5 + ["happiness"] + ["sadness"] * 4 + ["happiness"] * 8
+                 + ["neutral", "happiness"])
+    r = report(truth, predicted, LABELS, unanswered=["happiness", "happiness", "sadness", "neutral"])
+    assert r["n"] == 24 and r["unanswered"] == 4 and r["confusion"] == FIXED.tolist()
+    assert r["unanswered_by_class"] == {"neutral": 1, "happiness": 2, "sadness": 1}
+    assert r["war"] == pytest.approx(13 / 24)
+    assert r["per_class_recall"] == {"neutral": pytest.approx(5 / 11), "happiness": pytest.approx(8 / 10),
+                                     "sadness": 0.0}
+    assert r["uar"] == pytest.approx((5 / 11 + 8 / 10 + 0.0) / 3)
+    only_missed = report([], [], LABELS, unanswered=["sadness"])
+    assert only_missed["war"] == 0.0 and only_missed["per_class_recall"]["neutral"] is None
+
+
+def test_confusion_png_has_a_no_face_column(tmp_path):
+    from PIL import Image
+
+    plain = save_confusion_png(FIXED, LABELS, tmp_path / "plain.png")
+    wider = save_confusion_png(FIXED, LABELS, tmp_path / "wider.png", unanswered=np.array([1, 2, 1]))
+    assert Image.open(wider).size[0] > Image.open(plain).size[0]
+
+
 def test_rouge_l_by_hand():
     # LCS("the cheeks are raised", "cheeks raised and lips pulled") = "cheeks raised" (2 tokens):
     # precision 2/4, recall 2/5 -> F1 = 2 * 0.5 * 0.4 / 0.9

@@ -5,8 +5,8 @@ import pytest
 
 from core.faces import Attributes
 from core.labels import BASIC7, MAFW11, parse_label
-from core.model.prompt import (MEDIA_MARKER, agr_sentence, category_question, conversation_question,
-                               split_prompt, user_message)
+from core.model.prompt import (MEDIA_MARKER, age_band, agr_sentence, category_question,
+                               conversation_question, split_prompt, user_message)
 from core.model.templates import get_template
 
 
@@ -31,6 +31,29 @@ def tokenizer():
 ])
 def test_agr_sentence_template(attributes, sentence):
     assert agr_sentence(attributes) == sentence
+
+
+@pytest.mark.parametrize("attributes, sentence", [
+    # The default network (core/attributes.py): a decade band and a gender, no race.
+    (Attributes(age="30-39", gender="female", race=""),
+     "The person appears to be a 30-39 year old woman."),
+    (Attributes(age="33", gender="male", race=""),                  # a bare age goes in as its band
+     "The person appears to be a 30-39 year old man."),
+    (Attributes(age="", gender="female", race="", age_years=47.6),  # no band: the expected age's
+     "The person appears to be a 40-49 year old woman."),
+    (Attributes(age="80+", gender="male", race="not estimated"),    # "not estimated" is no race
+     "The person appears to be an 80+ year old man."),
+    (Attributes(age="0-9", gender="female", race="unknown"),
+     "The person appears to be a 0-9 year old girl."),
+])
+def test_agr_sentence_with_age_as_a_decade_band_and_no_unknown_race(attributes, sentence):
+    assert agr_sentence(attributes) == sentence
+
+
+@pytest.mark.parametrize("years, band", [(0, "0-9"), (9.49, "0-9"), (9.5, "10-19"), (33.3, "30-39"),
+                                         (79.4, "70-79"), (79.5, "80+"), (80, "80+"), (-1, "0-9")])
+def test_age_band_rounds_then_takes_the_decade(years, band):
+    assert age_band(years) == band
 
 
 def test_agr_sentence_is_empty_when_nothing_is_known():

@@ -615,3 +615,296 @@ def test_the_job_monitor_sends_a_finished_job_once_and_leaves_evaluate_results_a
         tab._events.clear()
         shared_engine().close()
         set_shared_engine(None)
+
+
+# ------------------------------------------------------------------------- issue 14 (engineer D)
+
+def _wait_for(check, timeout_s: float = 90.0, poll_s: float = 0.5):
+    """Poll `check()` until it returns something truthy (bounded); its last value."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = check()
+        if value or time.monotonic() > deadline:
+            return value
+        time.sleep(poll_s)
+
+
+def test_the_serving_process_follows_a_rollback_made_by_the_cli(studio, tiny_checkpoint):  # noqa: F811
+    """14.5: `versions rollback` in another process changes what /predict_image answers with,
+    within a bounded wait, back to the base the app started with too."""
+    import shutil
+
+    from annotation.versions import register_version, serving_version
+    from db.session import dispose_engine
+
+    copy = shutil.copytree(tiny_checkpoint, studio.root / "models" / "cli-v1")
+    register_version("cli-v1", copy, is_tiny=True, published=True, url=studio.db_url)
+    register_version("cli-base", tiny_checkpoint, is_tiny=True, published=True,
+                     url=studio.db_url)
+    dispose_engine(studio.db_url)
+    env = {**os.environ, "EMO_DB_URL": studio.db_url, "EMO_DATA_DIR": str(studio.root / "data")}
+    client = studio.client()
+
+    def answered_by():
+        return client.predict(studio.upload("face"), api_name="/predict_image")[0]["model_version"]
+
+    for name in ("cli-v1", "cli-base"):
+        done = subprocess.run([sys.executable, "app.py", "versions", "rollback", name], cwd=REPO,
+                              env=env, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr
+        want = f"tiny-test-fixture:{name}"
+        assert _wait_for(lambda: answered_by() == want, timeout_s=60), \
+            (answered_by(), studio.log.read_text()[-2000:])
+        # The Fine-tune tab's "Serving ..." line reads the registry: the same version.
+        assert serving_version(studio.db_url)["name"] == name
+        dispose_engine(studio.db_url)
+    assert "the registry now serves cli-base" in studio.log.read_text()
+
+
+@pytest.fixture(scope="module")
+def limited_studio(tmp_path_factory):
+    """A prior-only app with a small Gemini budget (EMO_GEMINI_DAILY_LIMIT=4) and its own fake
+    Gemini, so the limits are tested without spending the shared studio's buckets."""
+    from annotation.users import add_user
+    from db.session import dispose_engine, init_db
+    from tests.fake_gemini import FakeGemini
+
+    root = tmp_path_factory.mktemp("limited")
+    data = root / "data"
+    db_url = f"sqlite:///{data / 'studio.db'}"
+    init_db(db_url)
+    for name in ("ann", "flood"):
+        add_user(name, "annotator", USERS["ann"][1], url=db_url)
+    dispose_engine(db_url)
+    photo = face_photo()
+    files = {f"face{i}": write_image(root / f"face{i}.jpg",
+                                     np.clip(photo.astype(int) + 7 * i, 0, 255).astype(np.uint8))
+             for i in range(6)}
+    with FakeGemini(api_key=GEMINI_KEY) as fake:
+        env = {**os.environ, "EMO_DATA_DIR": str(data), "EMO_DB_URL": db_url,
+               "EMO_SECRET_KEY": "test-secret-key", "GEMINI_API_KEY": GEMINI_KEY,
+               "GEMINI_BASE_URL": fake.url, "GRADIO_TEMP_DIR": str(root / "gradio-tmp"),
+               "GRADIO_ANALYTICS_ENABLED": "False", "PYTHONUNBUFFERED": "1",
+               "EMO_GEMINI_DAILY_LIMIT": "4", "EMO_GEMINI_BURST": "3",
+               "EMO_GEMINI_PER_MINUTE": "1"}
+        for name in ("GOOGLE_API_KEY", "EMO_LLAMA_MODEL", "EMO_TRUST_FORWARDED"):
+            env.pop(name, None)
+        port = _free_port()
+        log = root / "server.log"
+        with open(log, "w") as out:
+            process = subprocess.Popen([sys.executable, "app.py", "serve", "--port", str(port)],
+                                       cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
+        url = f"http://127.0.0.1:{port}"
+        try:
+            _wait_until_up(url, process, log)
+            yield Studio(url=url, root=root, db_url=db_url, log=log, files=files), fake
+        finally:
+            process.terminate()
+            try:
+                process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                process.kill()
+
+
+def test_gemini_is_rate_limited_per_visitor_within_a_daily_budget(limited_studio):
+    """14.11: an anonymous visitor gets EMO_GEMINI_BURST paid answers, then "retry in N s";
+    cached answers stay free; a signed-in user has their own bucket; the day's budget (counted
+    in the store, so a restart keeps it) stops everyone."""
+    from webapp.limits import paid_today
+
+    app, fake = limited_studio
+    client = app.client()
+    answers = [client.predict(app.upload(f"face{i}"), api_name="/gemini_explain")[0]
+               for i in range(3)]
+    assert [a["cached"] for a in answers] == [False] * 3
+    refused = _app_error(lambda: client.predict(app.upload("face3"), api_name="/gemini_explain"))
+    assert "Too many Gemini requests" in refused and "retry in" in refused
+    again = client.predict(app.upload("face0"), api_name="/gemini_explain")[0]   # free
+    assert again["cached"] is True and again["explanation"] == answers[0]["explanation"]
+    assert sum(fake.paid.values()) == 3
+
+    token = client.predict("ann", USERS["ann"][1], api_name="/login")
+    signed_in = client.predict(app.upload("face3"), token, api_name="/gemini_explain")[0]
+    assert signed_in["cached"] is False                      # ann's own bucket
+    assert paid_today(app.db_url) == 4 == sum(fake.paid.values())
+    over = _app_error(lambda: client.predict(app.upload("face4"), token,
+                                             api_name="/gemini_explain"))
+    assert "Gemini budget of this server is used up" in over and "4 paid requests" in over
+    assert client.predict(app.upload("face3"), api_name="/gemini_explain")[0]["cached"] is True
+    assert sum(fake.paid.values()) == 4 and GEMINI_KEY not in over + refused
+
+
+def test_a_login_flood_is_refused_at_once_and_a_real_sign_in_still_works(limited_studio):
+    """14.11: 60 wrong passwords from one client: after a few, "too many attempts, retry in
+    N s" (no password checked, not even a right one), while another name and the right
+    password work again once the lock-out ends."""
+    import re
+
+    app, _ = limited_studio
+    client = app.client()
+    messages = [_app_error(lambda: client.predict("flood", f"wrong-guess-{i}", api_name="/login"))
+                for i in range(60)]
+    checked = [m for m in messages if m.endswith("Unknown user name or wrong password.")]
+    locked = [m for m in messages if re.search(r"Too many attempts, retry in \d+ s\.$", m)]
+    assert len(checked) + len(locked) == 60
+    assert 5 <= len(checked) <= 12 and len(locked) >= 48
+    # While the client is locked out even the right password is not checked.
+    message = _app_error(lambda: client.predict("flood", USERS["ann"][1], api_name="/login"))
+    assert "Too many attempts, retry in" in message
+
+    def sign_in():
+        try:
+            return client.predict("flood", USERS["ann"][1], api_name="/login")
+        except Exception as exc:  # still locked out: the message says for how long
+            assert "Too many attempts" in str(exc)
+            return None
+
+    token = _wait_for(sign_in, timeout_s=120, poll_s=1.0)
+    assert token and token.count(".") == 1
+    assert client.predict("ann", USERS["ann"][1], api_name="/login")   # the lock is lifted
+
+
+def test_blind_ab_needs_an_explanation_from_the_model(tmp_path, monkeypatch):
+    """14.12: in prior-only mode the model has no explanation: A/B is disabled with the reason,
+    a pair is refused before Gemini is paid, and a vote on such a pair stores nothing."""
+    import gradio as gr
+
+    from core.engine import Engine, set_shared_engine
+    from db.session import dispose_engine, init_db
+    from webapp.components import compare
+
+    url = f"sqlite:///{tmp_path / 'ab.db'}"
+    monkeypatch.setenv("EMO_DB_URL", url)
+    monkeypatch.setenv("EMO_DATA_DIR", str(tmp_path))
+    monkeypatch.setenv("GEMINI_API_KEY", "not-used: refused before any Gemini call")
+    monkeypatch.setenv("GEMINI_BASE_URL", "http://127.0.0.1:9")   # nothing listens there
+    init_db(url)
+    photo = str(write_image(tmp_path / "face.jpg", face_photo()))
+    prior_only = Engine(None)
+    set_shared_engine(prior_only)
+    try:
+        ok, why = compare.blind_available()
+        assert not ok and "prior-only mode" in why
+        button, note = compare.blind_controls(None)
+        assert button["interactive"] is False and note["visible"] is True
+        with pytest.raises(gr.Error) as raised:
+            compare.blind_pair(photo, None)
+        assert "gives none (prior-only mode)" in raised.value.message
+        model = compare._model(photo)
+        pair = {"path": photo, "record": None, "right": model,
+                "left": {"label": "happiness", "explanation": "Cheeks raised.",
+                         "source": "gemini:fake"}}
+        with pytest.raises(gr.Error) as raised:
+            compare.vote("A", pair, None)
+        assert "No vote was stored" in raised.value.message
+        from annotation.workflow import preference_stats
+
+        assert preference_stats(url=url) == {}
+    finally:
+        set_shared_engine(None)
+        prior_only.close()
+        dispose_engine(url)
+
+
+def test_the_loss_curve_shows_each_step_once_after_a_resume(token_store, tmp_path, monkeypatch):
+    """14.13: a resumed job repeats (and logs again) the steps after its checkpoint; the
+    Fine-tune tab's loss curve keeps one point per step, the later one."""
+    import json
+
+    from annotation import finetune
+    from annotation.users import add_user
+    from webapp import auth
+    from webapp.components import finetune as tab
+
+    add_user("ada", "admin", "ada-admin-pass", url=token_store)
+    token = auth.login("ada", "ada-admin-pass")
+    log = tmp_path / "events.jsonl"
+    lines = [{"event": "start", "total_steps": 4, "resumed_from": None},
+             *[{"event": "step", "step": s, "total_steps": 4, "loss": 2.0 - s / 10} for s in (1, 2, 3)],
+             {"event": "checkpoint", "step": 2},
+             {"event": "start", "total_steps": 4, "resumed_from": 2},
+             *[{"event": "step", "step": s, "total_steps": 4, "loss": 1.0 - s / 10} for s in (3, 4)]]
+    log.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    monkeypatch.setattr(finetune, "_log_path", lambda job_id, url=None: log)
+    monkeypatch.setattr(finetune, "job_status", lambda job_id, url=None: {
+        "id": job_id, "status": "running", "step": 4, "total_steps": 4, "loss": 0.6,
+        "eta_s": None, "error": None, "version": None})
+    tab._events.clear()
+    try:
+        curve = tab.poll(token, 9100, None)[1]
+        assert list(curve["step"]) == [1, 2, 3, 4]
+        assert list(curve["loss"]) == pytest.approx([1.9, 1.8, 0.7, 0.6])
+    finally:
+        tab._events.clear()
+
+
+def test_a_submission_without_a_claim_on_a_filled_record_is_refused(studio):
+    """14.7 through the API: /save_annotation needs no queue visit, so it claims on the way;
+    on a record someone else has submitted, a second submission is refused (nothing stored)."""
+    client, ann, ada = studio.client(), studio.token("ann"), studio.token("ada")
+    record = client.predict(ann, "faces", api_name="/next_record")
+    sid = record["sample_id"]
+    client.predict(ann, sid, "happiness", "Cheeks raised.", "submitted",
+                   (record["response"] or {}).get("version", 0), api_name="/save_annotation")
+    message = _app_error(lambda: client.predict(ada, sid, "sadness", "Lip corners down.",
+                                                "submitted", 0, api_name="/save_annotation"))
+    assert f"record #{sid} is taken" in message and "not submitted" in message
+    history = client.predict(ada, sid, api_name="/record_history")
+    assert [h["user"] for h in history if h["action"] == "submitted"] == ["ann"]
+
+
+# ------------------------------------------------------------------------- issue 14.1 (engineer A)
+
+def test_web_imports_are_confined_to_the_import_folders_and_never_echo_secrets(studio):
+    """/import_dataset reads only inside EMO_IMPORT_ROOTS (here the default: the data dir and
+    ./imports), symlinks resolved, never the store's own files; and what it does read is never
+    echoed (the server's environment holds GEMINI_API_KEY and EMO_ADMIN_PASSWORD)."""
+    import shutil
+
+    from sqlalchemy import select
+
+    from db.models import Dataset, Sample
+    from db.session import dispose_engine, session_scope
+
+    secrets = (GEMINI_KEY, "boss-from-space-secret")
+    ada, client = studio.token("ada"), studio.client()
+    data = (studio.root / "data").resolve()
+
+    def refused(fmt: str, path) -> str:
+        message = _app_error(lambda: client.predict(ada, fmt, str(path), "x",
+                                                    api_name="/import_dataset"))
+        assert not any(secret in message for secret in secrets), message
+        return message
+
+    message = refused("folder", studio.root / "faces")
+    assert "outside the import folders" in message and str(data) in message
+    assert "EMO_IMPORT_ROOTS" in message
+    assert "outside the import folders" in refused("csv", "/proc/self/environ")
+    link = data / "linked-faces"                     # a link inside a root, pointing out of it
+    link.symlink_to(studio.root / "faces", target_is_directory=True)
+    assert "outside the import folders" in refused("folder", link)
+    for private in (data / "secret_key", data / "studio.db", data):
+        assert "store's own files" in refused("csv", private)
+
+    # Inside a root: an environment dump (with a stray CR) is rows reported, never a secret.
+    dump = data / "imports" / "environ.csv"
+    dump.parent.mkdir(parents=True)
+    dump.write_bytes(f"GEMINI_API_KEY={GEMINI_KEY}\nEMO_ADMIN_PASSWORD=boss-from-space-secret\n"
+                     f"x,{GEMINI_KEY}\nimg.png,sa\rd\n".encode())
+    text, by_label, by_split, broken = client.predict(ada, "csv", str(dump), "dump",
+                                                      api_name="/import_dataset")
+    shown = str((text, by_label, by_split, broken))
+    assert "0 added" in text and "4 broken" in text, shown
+    assert not any(secret in shown for secret in secrets), shown
+    assert "carriage return" in shown
+
+    # A dataset inside a root imports; the Split and Face-crop options reach the importer.
+    flat = data / "imports" / "flat"
+    shutil.copytree(studio.root / "faces" / "train", flat)
+    text, *_ = client.predict(ada, "folder", str(flat), "flat", "test", "yes",
+                              api_name="/import_dataset")
+    assert "3 added" in text
+    with session_scope(studio.db_url) as s:
+        rows = s.scalars(select(Sample).join(Dataset).where(Dataset.name == "flat")).all()
+        assert len(rows) == 3 and {(r.split, r.meta["aligned"]) for r in rows} == {("test", True)}
+    dispose_engine(studio.db_url)

@@ -8,7 +8,7 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-from sqlalchemy import select, update
+from sqlalchemy import func, select, update
 
 from annotation import workflow
 from annotation.users import add_user
@@ -18,6 +18,9 @@ from db.models import Dataset, Response, ResponseHistory, Sample, User
 from db.session import session_scope
 
 PASSWORD = "correct-horse"
+
+# Each test that uses db_url runs on SQLite and on a real PostgreSQL (tests/conftest.py).
+STORE_BACKENDS = ("sqlite", "postgresql")
 
 
 @pytest.fixture
@@ -334,3 +337,125 @@ def test_annotate_commands_two_terminals(team, monkeypatch, capsys):
     assert stats["complete"] == 1 and stats["per_user"]["ana"]["accepted"] == 1
     code, text, _ = run("annotate", "progress", "--dataset", "faces")
     assert code == 0 and "1/6 records complete" in text
+
+
+# ----------------------------------------------------------------------------- stranded drafts
+
+def _expire_claims(url, user):
+    """What 30 minutes away from the editor does: the user's claims run out."""
+    from datetime import timedelta
+
+    from db.models import Claim, utcnow
+
+    with session_scope(url) as s:
+        uid = s.scalars(select(User.id).where(User.name == user)).one()
+        s.execute(update(Claim).where(Claim.user_id == uid)
+                  .values(expires_at=utcnow() - timedelta(seconds=1)))
+
+
+def test_own_draft_stays_reachable_after_someone_else_submits_it(team):
+    """14.7: ana drafts, walks away; bob takes the record and submits. ana's queue still starts
+    with her draft (marked as taken), her submit is refused with the reason and her text kept,
+    and a discard lets her move on."""
+    url = team
+    set_overlap(url, 1)
+    rec = workflow.next_record("ana", "faces", url=url)
+    sid = rec["sample_id"]
+    assert rec["claimed"] is True and rec["notice"] is None
+    workflow.save("ana", sid, "happiness", "ana's careful draft", "draft", 0, url=url)
+    _expire_claims(url, "ana")
+    assert workflow.next_record("bob", "faces", url=url)["sample_id"] == sid
+    submit(url, "bob", sid)
+
+    again = workflow.next_record("ana", "faces", url=url)
+    assert again["sample_id"] == sid and again["claimed"] is False          # first, not lost
+    assert again["response"]["explanation"] == "ana's careful draft"
+    assert "is taken" in again["notice"] and "discard" in again["notice"]
+    with pytest.raises(workflow.ClaimRefused, match=f"record #{sid} is taken") as refused:
+        workflow.save("ana", sid, "happiness", "ana's final text", "submitted", 1, url=url)
+    assert "not submitted" in str(refused.value)
+    kept = workflow.get_record(sid, "ana", url=url)["response"]
+    assert (kept["status"], kept["version"], kept["explanation"]) == \
+        ("draft", 1, "ana's careful draft")
+    refusal = [h for h in workflow.history(sid, url=url) if h["action"] == "refused"]
+    assert refusal and refusal[-1]["after"]["explanation"] == "ana's final text"  # nothing lost
+    # A draft fills no slot, so saving one is never refused; discarding needs no claim.
+    assert workflow.save("ana", sid, "happiness", "still thinking", "draft", 1,
+                         url=url)["version"] == 2
+    workflow.save("ana", sid, None, "still thinking", "discarded", 2, url=url)
+    assert workflow.next_record("ana", "faces", url=url)["sample_id"] != sid
+    stats = workflow.progress("faces", url=url)
+    assert stats["per_user"]["bob"]["submitted"] == 1 and stats["submitted"] == 1
+
+
+def test_a_save_without_a_claim_claims_first_or_is_refused(team):
+    """14.7: `save` needs no queue visit, but a submission fills a slot: the first caller
+    claims the free record on the way, the second finds it full."""
+    url = team
+    set_overlap(url, 1)
+    with session_scope(url) as s:
+        sid = s.scalars(select(Sample.id).order_by(Sample.id.desc()).limit(1)).one()
+    assert workflow.save("cat", sid, "sadness", "Lip corners down.", "submitted", 0,
+                         url=url)["status"] == "submitted"
+    with pytest.raises(workflow.ClaimRefused, match="is taken"):
+        workflow.save("bob", sid, "anger", "Brows lowered.", "submitted", 0, url=url)
+    assert workflow.get_record(sid, "bob", url=url)["response"] is None
+    # bob's draft is kept (drafts fill no slot), but his submission stays refused.
+    workflow.save("bob", sid, "anger", "Brows lowered.", "draft", 0, url=url)
+    with pytest.raises(workflow.ClaimRefused):
+        workflow.save("bob", sid, "anger", "Brows lowered.", "submitted", 1, url=url)
+    assert workflow.progress("faces", url=url)["submitted"] == 1
+    # With room for two annotators the second submission claims the second slot.
+    set_overlap(url, 2)
+    assert workflow.save("bob", sid, "anger", "Brows lowered.", "submitted", 1,
+                         url=url)["status"] == "submitted"
+    assert workflow.progress("faces", url=url)["complete"] >= 1
+
+
+def test_eight_annotators_race_for_claims_none_lost_none_over_capacity(team):
+    """8 annotators work the queue at once (2 per record, 24 records) until it is empty. On
+    PostgreSQL this is the row-locked claim path (SELECT ... FOR UPDATE in workflow._claim);
+    on SQLite the file lock. Every record ends with exactly 2 submissions by 2 different
+    annotators: no claim given twice, no submission lost, no record over its overlap, and
+    every annotator who lost a race was told so by getting another record (or None)."""
+    url = team
+    set_overlap(url, 2)
+    with session_scope(url) as s:
+        dataset_id = s.scalars(select(Dataset.id).where(Dataset.name == "faces")).one()
+        for i in range(18):  # 6 imported + 18 rows: the queue never reads the media itself
+            s.add(Sample(dataset_id=dataset_id, media_path=f"/race/{i}.png",
+                         content_hash=f"{i:064x}", modality="image", label="happiness",
+                         split="train", meta={}))
+    with session_scope(url) as s:
+        sample_ids = set(s.scalars(select(Sample.id).where(Sample.dataset_id == dataset_id)))
+    names = [f"racer{i}" for i in range(8)]
+    for name in names:
+        add_user(name, "annotator", PASSWORD, url=url)
+    barrier = threading.Barrier(len(names), timeout=60)
+
+    def work(name: str) -> list[tuple[int, int]]:
+        barrier.wait()
+        done = []
+        while (record := workflow.next_record(name, "faces", url=url)) is not None:
+            saved = workflow.save(name, record["sample_id"], "happiness",
+                                  f"{name}: cheeks raised", "submitted", 0, url=url)
+            done.append((record["sample_id"], saved["version"]))
+        return done
+
+    with ThreadPoolExecutor(len(names)) as pool:
+        results = dict(zip(names, pool.map(work, names)))
+
+    per_record = Counter(sid for done in results.values() for sid, _ in done)
+    assert per_record == {sid: 2 for sid in sample_ids}
+    for name, done in results.items():
+        assert len({sid for sid, _ in done}) == len(done)        # never the same record twice
+        assert all(version == 1 for _, version in done)
+    with session_scope(url) as s:
+        stored = Counter(s.scalars(select(Response.sample_id).where(
+            Response.status == "submitted")))
+        history = s.scalar(select(func.count()).select_from(ResponseHistory).where(
+            ResponseHistory.action == "submitted"))
+    assert stored == per_record and history == 48                # what the threads saw is stored
+    stats = workflow.progress("faces", url=url)
+    assert (stats["complete"], stats["submitted"]) == (24, 48)
+    assert all(workflow.next_record(name, "faces", url=url) is None for name in names)

@@ -55,7 +55,7 @@ def build_app() -> gr.Blocks:
                 create_image_tab(data_dir() / "examples", concurrency)
             with gr.Tab("Video", id="video"):
                 create_video_tab(concurrency)
-            with gr.Tab("Compare", id="compare"):
+            with gr.Tab("Compare", id="compare") as compare_tab:
                 compare = create_compare_tab(token, concurrency)
             with gr.Tab("Annotate", id="annotate"):
                 annotate = create_annotate_tab(token, concurrency)
@@ -77,8 +77,10 @@ def build_app() -> gr.Blocks:
             demo.load(hf_session, inputs=token, outputs=token, api_visibility="private")
         # The Fine-tune and Users tabs fill their tables, for admins, on sign-in and when opened.
         on_load, on_change = demo.load(**access), token.change(**access)
+        # The Compare tab's Blind A/B button follows the serving model (a swap may change it).
         for tab, (fill_fn, fill_outputs) in ((finetune_tab, finetune["on_access"]),
-                                             (users_tab, users["on_access"])):
+                                             (users_tab, users["on_access"]),
+                                             (compare_tab, compare["on_access"])):
             fill = dict(fn=fill_fn, inputs=token, outputs=fill_outputs, api_visibility="private")
             on_load, on_change = on_load.then(**fill), on_change.then(**fill)
             tab.select(**fill)
@@ -96,25 +98,92 @@ def launch(host: str = "127.0.0.1", port: int = 7860, share: bool = False,
     `serve_published`: load the model version the registry marks as serving (what a publish
     or rollback chose before a restart) instead of the start-up model.
     """
-    from db.session import init_db
+    from db.session import check_store_writable, init_db
+    from webapp.cli import check_port_free, port_message
 
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per HTTP call otherwise
+    # What can make the start fail is checked before anything slow (the model loads for
+    # seconds to minutes): each problem is one UserError line (`error: ...`, exit 2).
+    check_port_free(host, port)
+    check_store_writable()
     backups = os.environ.get("EMO_BACKUP_DIR")
     if backups:
         restore_latest_backup(Path(backups))
     init_db()
     _ensure_admin()
+    started_with = _registry_serving()
     _restore_training_state(serve_published)
     if backups:
         start_backups(Path(backups), float(os.environ.get("EMO_BACKUP_MINUTES", "30")))
     demo = build_app()
+    follow_registry(started_with, float(os.environ.get("EMO_REGISTRY_POLL_S", "2")))
     demo.queue(max_size=QUEUE_SIZE, default_concurrency_limit=DEFAULT_CONCURRENCY)
-    demo.launch(server_name=host, server_port=port, share=share,
-                max_file_size=MAX_FILE_SIZE, show_error=False,
-                allowed_paths=[str(data_dir() / "examples"), str(data_dir() / "cache")],
-                theme=gr.themes.Soft(primary_hue="indigo", secondary_hue="pink"),
-                css=_read_static("app.css"), js=_read_static("shortcuts.js"),
-                footer_links=["api", "gradio"])
+    try:
+        demo.launch(server_name=host, server_port=port, share=share,
+                    max_file_size=MAX_FILE_SIZE, show_error=False,
+                    allowed_paths=[str(data_dir() / "examples"), str(data_dir() / "cache")],
+                    theme=gr.themes.Soft(primary_hue="indigo", secondary_hue="pink"),
+                    css=_read_static("app.css"), js=_read_static("shortcuts.js"),
+                    footer_links=["api", "gradio"])
+    except OSError as exc:  # taken in the moment between our check and Gradio's own bind
+        if "port" not in str(exc).lower():
+            raise
+        raise UserError(port_message(host, port)) from None
+
+
+# ----------------------------------------------------------------------------- the registry
+# A publish or rollback made in another process (`python app.py versions rollback v1`, a
+# fine-tune job publishing its version, another replica's Fine-tune tab) changes only the
+# registry. The web process polls the registry's serving row (one small query every few
+# seconds) and hot-swaps its engine when it changes, so what answers is what the Fine-tune tab
+# says is serving. Polling rather than an admin endpoint the CLI calls: the CLI would need the
+# server's address and a credential, and a job or a second replica would not reach every
+# process; the registry is already the one place all of them write.
+
+def _registry_serving() -> str | None:
+    try:
+        from annotation.versions import serving_version
+    except ModuleNotFoundError:
+        return None
+    version = serving_version()
+    return version["name"] if version else None
+
+
+def follow_registry(started_with: str | None, interval_s: float = 2.0) -> threading.Thread | None:
+    """A daemon thread that swaps the engine to the registry's serving version when it changes.
+
+    `started_with`: the serving version when the process started. With an explicit `--model`
+    the start-up model serves until the registry changes; from then on the registry decides.
+    A version that fails to load is logged once and the engine keeps serving (and naming) the
+    version it had; it is tried again only when the registry changes again.
+    """
+    if interval_s <= 0:
+        return None
+    try:
+        from annotation.versions import activate_in_engine, serving_version
+    except ModuleNotFoundError:
+        return None
+
+    def loop() -> None:
+        seen = started_with
+        while True:
+            time.sleep(interval_s)
+            try:
+                version = serving_version()
+                if version is None or version["name"] == seen:
+                    continue
+                seen = version["name"]
+                activate_in_engine(version)
+                log.info("the registry now serves %s: the engine follows", version["name"])
+            except (UserError, OSError) as exc:
+                log.warning("cannot serve %s, which the registry names: %s; still serving %s",
+                            seen, exc, engine().info["model_version"])
+            except Exception:  # a database hiccup must not end the watcher
+                log.exception("following the model registry failed; will try again")
+
+    thread = threading.Thread(target=loop, name="registry-watcher", daemon=True)
+    thread.start()
+    return thread
 
 
 # ----------------------------------------------------------------------------- backups

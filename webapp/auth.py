@@ -32,8 +32,8 @@ log = logging.getLogger(__name__)
 
 ROLE_RANK = {role: rank for rank, role in enumerate(ROLES)}  # viewer < annotator < ... < admin
 SESSION_HOURS = float(os.environ.get("EMO_SESSION_HOURS", "12"))
-# A failed sign-in costs the caller this long, so guessing passwords through the API is slow.
-FAILED_LOGIN_DELAY_S = 0.5
+# Guessing passwords is slowed by webapp.limits.LoginGuard's back-off (refused at once, no
+# hashing), not by sleeping: a sleep held a shared worker slot and slowed every sign-in.
 
 
 class AuthError(UserError):
@@ -164,17 +164,24 @@ def require(token: str | None, role: str) -> Identity:
     return who
 
 
-def login(name: str, password: str) -> str:
-    """Check a user name and password against the users table; a signed session token."""
+def login(name: str, password: str, client: str = "client:local") -> str:
+    """Check a user name and password against the users table; a signed session token.
+
+    `client` (webapp.limits.client_key): who is asking, for the back-off on failures. A client
+    or name that is locked out is refused at once, before any password hashing.
+    """
     from annotation.users import authenticate
+    from webapp.limits import login_guard
 
     name = (name or "").strip()
     if not name or not password:
         raise AuthError("Enter your user name and password.")
+    login_guard.check(client, name)
     user = authenticate(name, password)
     if user is None:
-        time.sleep(FAILED_LOGIN_DELAY_S)
+        login_guard.failed(client, name)
         log.info("failed sign-in for %r", name)
         raise AuthError("Unknown user name or wrong password.")
+    login_guard.succeeded(client, name)
     log.info("%s signed in (%s)", user.name, user.role)
     return issue_token(user.id, user.name, user.password_hash)

@@ -1,9 +1,17 @@
-"""`python app.py build-model ...` and `python app.py predict MEDIA ...`."""
+"""`python app.py build-model ...` and `python app.py predict MEDIA ...`.
+
+    python app.py predict photo.jpg --json          # one prediction JSON
+    python app.py predict crop.png --aligned        # a face crop: no detection, the image is the face
+    python app.py predict photos/ --json > out.jsonl   # one JSON line per file, progress on stderr
+"""
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import os
+import sys
+from pathlib import Path
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -25,8 +33,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--json", action="store_true")
     p.set_defaults(handler=build_model_command)
 
-    p = subparsers.add_parser("predict", help="EMO-LLaMA label, scores and explanation for a file")
-    p.add_argument("media", help="an image, a video or a folder of frames")
+    p = subparsers.add_parser("predict", help="EMO-LLaMA label, scores and explanation for a file "
+                                              "or every file of a folder")
+    p.add_argument("media", help="an image, a video, or a folder: each image and video in it "
+                                 "(and its subfolders) is predicted; see --frames-folder")
+    p.add_argument("--aligned", action="store_true",
+                   help="the images are face crops (as FER2013 / RAF-DB aligned): no detection, "
+                        "the whole image is the face")
+    p.add_argument("--frames-folder", action="store_true",
+                   help="MEDIA is one clip stored as a folder of frames (DFEW, FERV39k)")
     p.add_argument("--model", default=os.environ.get("EMO_LLAMA_MODEL"),
                    help="checkpoint folder or hub id (default: $EMO_LLAMA_MODEL; none: prior-only)")
     p.add_argument("--question", help="ask something else than the default explanation prompt")
@@ -86,24 +101,118 @@ def build_model_command(args: argparse.Namespace) -> int:
 
 def predict_command(args: argparse.Namespace) -> int:
     from core.engine import Engine, EngineConfig
+    from core.errors import UserError
 
-    config = EngineConfig(batch_window_ms=0, quantization=args.quantize)
+    folder = Path(args.media).is_dir() and not args.frames_folder
+    files = media_files(Path(args.media)) if folder else []
+    if folder and not files:
+        raise UserError(f"{args.media}: no image or video files in this folder (a clip stored as "
+                        "frames: add --frames-folder)")
+    # A folder's files are submitted together, so the engine may batch them (its window);
+    # a single file runs at once.
+    config = EngineConfig(batch_window_ms=EngineConfig.batch_window_ms if folder else 0,
+                          quantization=args.quantize)
     if args.frames:
         config.num_frames = args.frames
     if args.max_new_tokens:
         config.max_new_tokens = args.max_new_tokens
     engine = Engine(args.model, config)
     try:
-        result = engine.predict(args.media, question=args.question, explain=not args.no_explain)
+        if folder:
+            return _predict_folder(engine, Path(args.media), files, args)
+        result = engine.predict(args.media, question=args.question, explain=not args.no_explain,
+                                aligned=args.aligned)
     finally:
         engine.close()
-    if args.json:
-        print(json.dumps(result, indent=2))
-        return 0
-    print(f"model: {result['model_version']}" + (f"  ({result['note']})" if result.get("note") else ""))
-    print(f"label: {result['label']}")
+    try:
+        if args.json:
+            print(json.dumps(result, indent=2))
+            return 0
+        _print_result(result)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        return _stdout_gone()
+    return 0
+
+
+def _print_result(result: dict, prefix: str = "") -> None:
+    print(f"{prefix}model: {result['model_version']}" + (f"  ({result['note']})" if result.get("note") else ""))
+    print(f"{prefix}label: {result['label']}")
     for label, p in sorted(result["scores"].items(), key=lambda kv: -kv[1]):
-        print(f"  {label:15s} {p:.3f}")
+        print(f"{prefix}  {label:15s} {p:.3f}")
     if result.get("explanation"):
-        print(f"explanation: {result['explanation']}")
+        print(f"{prefix}explanation: {result['explanation']}")
+
+
+def media_files(folder: Path) -> list[Path]:
+    """The images and videos under `folder` (subfolders too, hidden ones skipped), sorted."""
+    from core.media import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS
+
+    wanted = IMAGE_EXTENSIONS | VIDEO_EXTENSIONS
+    return sorted(p for p in folder.rglob("*")
+                  if p.is_file() and p.suffix.lower() in wanted
+                  and not any(part.startswith(".") for part in p.relative_to(folder).parts))
+
+
+def _predict_folder(engine, folder: Path, files: list[Path], args: argparse.Namespace) -> int:
+    """One result per file, in file order (a JSON line each with --json), `in_flight` requests
+    submitted at a time so the engine batches them; a file that fails gets its error line and
+    the rest go on. Exit 1 when any file failed."""
+    from tqdm import tqdm
+
+    from core.errors import UserError
+
+    in_flight = max(1, min(engine.config.max_queue, 2 * engine.config.max_batch))
+    todo, waiting = iter(files), collections.deque()
+    failed = 0
+
+    def submit() -> None:
+        for path in todo:
+            waiting.append((path, engine.stream(path, question=args.question, explain=not args.no_explain,
+                                                aligned=args.aligned)))
+            if len(waiting) >= in_flight:
+                return
+
+    bar = tqdm(total=len(files), desc="predict", unit="file", file=sys.stderr, mininterval=0.5,
+               dynamic_ncols=True)
+    try:
+        submit()
+        while waiting:
+            path, stream = waiting.popleft()
+            name = str(path.relative_to(folder))
+            try:
+                result = next(e for e in stream if e["event"] == "done")["result"]
+                line = {"file": name, **result}
+            except UserError as exc:
+                failed += 1
+                line = {"file": name, "error": str(exc)}
+            finally:
+                stream.close()
+            submit()
+            bar.update(1)
+            if args.json:
+                print(json.dumps(line), flush=True)
+            elif "error" in line:
+                print(f"{name}: error: {line['error']}", flush=True)
+            else:
+                best = f" ({line['scores'][line['label']]:.3f})" if line.get("label") else ""
+                note = f"  [{line['note']}]" if line.get("label") is None and line.get("note") else ""
+                print(f"{name}: {line.get('label')}{best}{note}", flush=True)
+    except BrokenPipeError:  # `| head`: the reader has all it wants
+        for _, stream in waiting:
+            stream.close()
+        return _stdout_gone()
+    finally:
+        bar.close()
+    print(f"{len(files)} file(s), {failed} failed", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def _stdout_gone() -> int:
+    """The reader of stdout went away (`predict ... | head -1`): stop quietly. stdout is pointed
+    at /dev/null so that the interpreter's last flush does not raise again."""
+    try:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except OSError:
+        pass
     return 0

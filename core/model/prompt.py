@@ -22,7 +22,37 @@ CONVERSATION_QUESTION = ("Describe the facial expression of the person in the {m
 
 _GENDER_NOUNS = {"female": "woman", "male": "man"}
 _CHILD_NOUNS = {"female": "girl", "male": "boy"}
-_CHILD_AGES = {"0-2", "3-9"}  # FairFace's brackets below ten
+_CHILD_AGES = {"0-2", "3-9", "0-9"}  # FairFace's brackets below ten, and our first decade band
+# What an attribute source may say instead of a race it did not estimate: left out, never written.
+_UNKNOWN = {"", "?", "unknown", "not estimated", "none", "n/a"}
+
+
+def age_band(years: float) -> str:
+    """The decade band an age goes into the prompt as: 33.3 -> "30-39"; 80 and over -> "80+".
+
+    Rounded half up first (as the age network's own C++ did, std::lround). Its top bin is 80,
+    so "80+" is as precise as it gets up there."""
+    rounded = int(max(0.0, float(years)) + 0.5)
+    if rounded >= 80:
+        return "80+"
+    low = rounded // 10 * 10
+    return f"{low}-{low + 9}"
+
+
+def _age_text(age: str, years) -> str:
+    """The age as a band: a bracket as given ("30-39", "70+"), a bare number as its decade band;
+    the expected age in years when there is no bracket."""
+    if age:
+        try:
+            return age_band(float(age))
+        except ValueError:
+            return age
+    if years is not None:
+        try:
+            return age_band(float(years))
+        except (TypeError, ValueError):
+            return ""
+    return ""
 
 
 def agr_sentence(attributes) -> str:
@@ -30,12 +60,20 @@ def agr_sentence(attributes) -> str:
 
     >>> agr_sentence(Attributes(age="30-39", gender="female", race="East Asian"))
     'The person appears to be a 30-39 year old East Asian woman.'
+    >>> agr_sentence(Attributes(age="30-39", gender="female", race=""))    # the default network
+    'The person appears to be a 30-39 year old woman.'
 
-    Parts the attribute network did not give are left out, never guessed.
+    Parts the attribute network did not give are left out, never guessed: the default network
+    (core/attributes.py) estimates age and gender only, so its sentences name no race.
     """
     if attributes is None:
         return ""
     age, gender, race = (str(getattr(attributes, k, "") or "").strip() for k in ("age", "gender", "race"))
+    age = _age_text(age, getattr(attributes, "age_years", None))
+    if race.lower() in _UNKNOWN:
+        race = ""
+    if gender.lower() in _UNKNOWN:
+        gender = ""
     if not (age or gender or race):
         return ""
     nouns = _CHILD_NOUNS if age in _CHILD_AGES else _GENDER_NOUNS

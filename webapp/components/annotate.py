@@ -157,6 +157,8 @@ def _record_outputs(record: dict | None, stats: dict) -> tuple:
             f"**{html.escape(record.get('label') or 'none')}**")
     if response:
         info += f" · your {response['status']} (version {response['version']})"
+    if record.get("notice"):  # the user's own draft on a record others have filled since
+        info += f"\n\n⚠️ {html.escape(record['notice'])}."
     return (record["sample_id"], response.get("version", 0),
             *_viewer(record["media_path"], record["modality"]), info,
             suggestions_frame(record["suggestions"]),
@@ -202,6 +204,8 @@ def save_from_editor(token: str | None, sample_id: float | None, version: float 
         # The newer version becomes the base, so saving again is a deliberate overwrite.
         return _updates(version=exc.current.get("version", gr.skip()),
                         message=conflict_html(exc.current))
+    except workflow.ClaimRefused as exc:  # the editor keeps its text; only the message changes
+        return _updates(message=f"<div class='emo-conflict'>{html.escape(str(exc))}.</div>")
     stats = workflow.progress(dataset, user=who.user_id) if dataset else {}
     message = f"{DONE[saved['status']]}: record #{saved['sample_id']}, version {saved['version']}."
     if saved["status"] != "draft" and advance and dataset:
@@ -225,7 +229,8 @@ def ask_model(token: str | None, sample_id: float | None, shown: pd.DataFrame | 
         raise UserError("Load a record first (Next record).")
     from annotation import workflow
 
-    result = engine().predict(workflow.sample_media(int(sample_id)), explain=True)
+    path, aligned = workflow.sample_media(int(sample_id))
+    result = engine().predict(path, explain=True, aligned=aligned)
     row = pd.DataFrame([[f"model:{result.get('model_version')}", result.get("label") or "",
                          result.get("explanation") or result.get("note") or ""]],
                        columns=SUGGESTION_COLUMNS)

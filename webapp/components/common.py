@@ -82,16 +82,17 @@ def explanation_text(result: dict, streamed: str = "") -> str:
     return f"(No explanation. {note})" if note else ""
 
 
-def stream_outputs(path: str, render: Callable[[dict], tuple], n_outputs: int) -> Iterator[tuple]:
+def stream_outputs(path: str, render: Callable[[dict], tuple], n_outputs: int,
+                   **request: Any) -> Iterator[tuple]:
     """Engine events for one file -> tuples of output values, the explanation last.
 
     On the analysis and on the final result every output is rendered (`render(result)` gives
     the `n_outputs` values before the explanation); between them each text piece updates only
     the explanation. Closing this generator (the browser went away) closes the engine stream,
-    which frees the request's slot.
+    which frees the request's slot. `request`: keywords for Engine.stream (e.g. aligned=True).
     """
     streamed = ""
-    with contextlib.closing(engine().stream(path)) as events:
+    with contextlib.closing(engine().stream(path, **request)) as events:
         for event in events:
             if event["event"] == "text":
                 streamed += event["text"]

@@ -42,17 +42,37 @@ def _media(image: str | None, record: dict | None) -> str:
     return require_file(image, "an image (upload one or pick a dataset record)")
 
 
-def _gemini(path: str) -> dict:
+def _gemini(path: str, request: gr.Request | None = None, token: str | None = None) -> dict:
+    """Gemini's answer within the caller's rate limit and the server's daily budget
+    (webapp.limits); cached answers are free."""
     if not gemini_configured():
         raise UserError(NO_KEY_MESSAGE)
     from annotation.gemini import gemini_explain
+    from webapp.limits import client_key, limited_gemini
 
-    return gemini_explain(path)
+    return limited_gemini(path, client_key(request, _signed_in(token)), gemini_explain)
 
 
-def _model(path: str) -> dict:
-    result = engine().predict(path, explain=True)
+def _signed_in(token: str | None) -> str | None:
+    """The signed-in user's name (their own rate bucket), or None (keyed by address)."""
+    if not token:
+        return None
+    try:
+        who = identify(token)
+    except UserError:  # an expired session still gets an answer, on the address's bucket
+        return None
+    return who.name if who else None
+
+
+def _is_crop(record: dict | None) -> bool:
+    """A dataset record imported as a face crop is analysed as one (no detection)."""
+    return bool(record and record.get("media_path") and record.get("aligned"))
+
+
+def _model(path: str, aligned: bool = False) -> dict:
+    result = engine().predict(path, explain=True, aligned=aligned)
     return {"label": result.get("label"), "explanation": explanation_text(result),
+            "has_explanation": bool((result.get("explanation") or "").strip()),
             "source": f"model:{result.get('model_version')}", "mode": result.get("mode"),
             "note": result.get("note")}
 
@@ -62,9 +82,12 @@ def _label_text(answer: dict) -> str:
 
 
 @handle_errors
-def gemini_side(image: str | None, record: dict | None = None):
-    """/gemini_explain: Gemini's label and explanation for an image (cached by content)."""
-    answer = _gemini(_media(image, record))
+def gemini_side(image: str | None, record: dict | None = None, token: str | None = None,
+                request: gr.Request = None):
+    """/gemini_explain: Gemini's label and explanation for an image (cached by content).
+
+    Paid requests are rate-limited per visitor and capped per UTC day (webapp.limits)."""
+    answer = _gemini(_media(image, record), request, token)
     where = "from the cache" if answer.get("cached") else "fresh"
     return (answer, _label_text(answer), answer.get("explanation") or "",
             f"{answer.get('source', 'gemini')} · {where}")
@@ -72,16 +95,44 @@ def gemini_side(image: str | None, record: dict | None = None):
 
 @handle_errors
 def model_side(image: str | None, record: dict | None):
-    answer = _model(_media(image, record))
+    answer = _model(_media(image, record), _is_crop(record))
     meta = answer["source"] + (f" · {answer['mode']}" if answer.get("mode") else "")
     return _label_text(answer), answer["explanation"], meta
 
 
+NO_MODEL_EXPLANATION = ("Blind A/B compares two explanations, and the serving model gives "
+                        "none ({why}): a vote would only say that some text beats no text, so "
+                        "none is taken. Load an EMO-LLaMA checkpoint (EMO_LLAMA_MODEL) for A/B; "
+                        "Compare side by side still shows Gemini's answer.")
+
+
+def blind_available() -> tuple[bool, str]:
+    """Whether the serving model explains (A/B needs two explanations), and why not."""
+    info = engine().info
+    if info.get("mode") == "prior-only":
+        return False, NO_MODEL_EXPLANATION.format(why="prior-only mode")
+    return True, ""
+
+
+def blind_controls(token: str | None = None):
+    """The Blind A/B button and its note, as the serving model allows (on load and sign-in)."""
+    ok, why = blind_available()
+    return gr.update(interactive=ok), gr.update(value=f"ℹ️ {why}" if why else "", visible=not ok)
+
+
 @handle_errors
-def blind_pair(image: str | None, record: dict | None):
-    """Both answers in a random left/right order; which is which stays on the server."""
+def blind_pair(image: str | None, record: dict | None, token: str | None = None,
+               request: gr.Request = None):
+    """Both answers in a random left/right order; which is which stays on the server.
+
+    The model answers first: without an explanation from it there is nothing to compare, and
+    Gemini is not paid for a pair that would be refused."""
     path = _media(image, record)
-    answers = [_gemini(path), _model(path)]
+    model = _model(path, _is_crop(record))
+    if not model.get("has_explanation"):
+        raise UserError(NO_MODEL_EXPLANATION.format(
+            why="prior-only mode" if model.get("mode") == "prior-only" else "no text"))
+    answers = [_gemini(path, request, token), model]
     random.shuffle(answers)
     pair = {"path": path, "record": record, "left": answers[0], "right": answers[1]}
     return (pair, _label_text(answers[0]), answers[0].get("explanation") or "",
@@ -95,6 +146,9 @@ def vote(choice: str, pair: dict | None, token: str | None):
     """Store the viewer's preference (anonymous votes count; signed-in ones carry the user)."""
     if not pair:
         raise UserError("Start a blind comparison first; each pair takes one vote.")
+    if not all(side.get("has_explanation", True) and (side.get("explanation") or "").strip()
+               for side in (pair["left"], pair["right"])):
+        raise UserError(NO_MODEL_EXPLANATION.format(why="no text") + " No vote was stored.")
     from annotation.importers import content_hash
     from annotation.workflow import vote_preference
 
@@ -122,7 +176,7 @@ def pick_record(dataset: str | None, token: str | None):
     if sample is None:
         raise UserError(f"Dataset {dataset} has no records yet.")
     record = {"sample_id": sample["id"], "media_path": sample["media_path"],
-              "content_hash": sample["content_hash"]}
+              "content_hash": sample["content_hash"], "aligned": sample["aligned"]}
     truth = sample.get("label") or "unlabelled"
     return (center_frame(sample["media_path"]), record,
             f"Record #{sample['id']} of {html.escape(dataset)} · ground truth: {truth}")
@@ -154,10 +208,13 @@ def create_compare_tab(token: gr.BrowserState, concurrency: int) -> dict:
                                          info="Sign in to compare on dataset records.")
                 pick = gr.Button("Random record")
                 record_info = gr.Markdown()
+            ok, why = blind_available()  # refreshed on page load (a swap may change it)
             with gr.Row():
                 side = gr.Button("Compare side by side", variant="primary",
                                  elem_id="compare-run")
-                blind = gr.Button("Blind A/B test", elem_id="compare-blind")
+                blind = gr.Button("Blind A/B test", elem_id="compare-blind", interactive=ok)
+            blind_note = gr.Markdown(f"ℹ️ {why}" if why else "", visible=not ok,
+                                     elem_id="compare-blind-note")
         with gr.Column(scale=8):
             with gr.Tabs() as views:
                 with gr.Tab("Side by side", id="side"):
@@ -180,7 +237,8 @@ def create_compare_tab(token: gr.BrowserState, concurrency: int) -> dict:
 
     # A new upload replaces a picked record.
     image.upload(lambda: (None, ""), outputs=[record, record_info], api_visibility="private")
-    side.click(gemini_side, inputs=[image, record], outputs=[g_json, g_label, g_text, g_meta],
+    side.click(gemini_side, inputs=[image, record, token],
+               outputs=[g_json, g_label, g_text, g_meta],
                api_name="gemini_explain", concurrency_id=GEMINI_GROUP,
                concurrency_limit=GEMINI_CONCURRENCY)
     side.click(model_side, inputs=[image, record], outputs=[m_label, m_text, m_meta],
@@ -190,7 +248,7 @@ def create_compare_tab(token: gr.BrowserState, concurrency: int) -> dict:
     for button, view in ((side, "side"), (blind, "blind")):
         button.click(lambda view=view: gr.Tabs(selected=view), outputs=views, queue=False,
                      api_visibility="private")
-    blind.click(blind_pair, inputs=[image, record],
+    blind.click(blind_pair, inputs=[image, record, token],
                 outputs=[pair, a_label, a_text, b_label, b_text, verdict, *vote_buttons],
                 api_visibility="private", concurrency_id=MODEL_GROUP,
                 concurrency_limit=concurrency)
@@ -199,4 +257,5 @@ def create_compare_tab(token: gr.BrowserState, concurrency: int) -> dict:
                      outputs=[pair, verdict, *vote_buttons], api_visibility="private")
     pick.click(pick_record, inputs=[dataset, token], outputs=[image, record, record_info],
                api_visibility="private")
-    return {"notice": notice, "gates": [(dataset, "viewer", "datasets")]}
+    return {"notice": notice, "gates": [(dataset, "viewer", "datasets")],
+            "on_access": (blind_controls, [blind, blind_note])}

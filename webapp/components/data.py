@@ -3,6 +3,9 @@
 Each action is also an API endpoint that takes the session token first, e.g.
 
     Client(url).predict(token, "rafdb", "/data/RAF-DB", "rafdb", api_name="/import_dataset")
+
+Imports read only paths inside the import folders (`EMO_IMPORT_ROOTS`; by default the data dir
+and `imports/` beside the app): an admin's browser must not be a way to read any server file.
 """
 from __future__ import annotations
 
@@ -27,14 +30,26 @@ def _counts_frame(counts: dict | None, key: str) -> pd.DataFrame:
 
 
 @handle_errors
-def import_data(token: str | None, fmt: str, path: str, name: str,
+def import_data(token: str | None, fmt: str, path: str, name: str, split: str | None = "auto",
+                aligned: str | None = "auto",
                 progress: gr.Progress = gr.Progress(track_tqdm=True)):  # mirrors its tqdm bar
-    """/import_dataset: read a dataset folder on the server into the store (admin only)."""
+    """/import_dataset: read a dataset folder on the server into the store (admin only).
+
+    `split`: "auto" (as the layout says) or train/val/test; `aligned`: "auto" (the format's
+    default), "yes" (face crops) or "no". Only paths inside the import folders.
+    """
     require(token, "admin")
     if not (path or "").strip():
         raise UserError("Enter the dataset's folder (or CSV file) path on the server.")
+    if split not in (None, "", "auto", "train", "val", "test"):
+        raise UserError("Split must be auto, train, val or test.")
+    if aligned not in (None, "", "auto", "yes", "no"):
+        raise UserError("Face crops must be auto, yes or no.")
     summary = import_dataset(fmt, path.strip(), (name or "").strip() or None,
-                             progress=True)  # its tqdm bar drives gr.Progress
+                             progress=True,  # its tqdm bar drives gr.Progress
+                             split=None if split in (None, "", "auto") else split,
+                             aligned={"yes": True, "no": False}.get(aligned or "auto"),
+                             confined=True)
     broken = pd.DataFrame(summary.broken, columns=["row or file", "reason"])
     lines = [f"**{html.escape(summary.dataset)}** ({summary.format}, {summary.modality}): "
              f"{summary.added} added, {summary.skipped} already there, "
@@ -82,6 +97,36 @@ def summary_text(summary: dict) -> str:
     return "\n\n".join(lines)
 
 
+BATCH_COLUMNS = ["batch", "state", "requests", "ok", "rejected", "failed", "est. cost USD",
+                 "created"]
+
+
+@handle_errors
+def batch_jobs(token: str | None, dataset: str | None):
+    """/batch_jobs: the dataset's Gemini Batch API jobs as the store last saw them (admin).
+
+    No call to Google: `python app.py generate --dataset NAME --batch-status` polls a job."""
+    require(token, "admin")
+    if not dataset:
+        raise UserError("Choose a dataset.")
+    from annotation.gemini_batch import list_batches
+
+    jobs = list_batches(dataset)
+    rows = [[job["batch"] or job["display_name"], job["state"] + ("" if job["ingested"] else
+                                                                  " (open)"),
+             job["requests"], job["ok"], job["rejected"], job["failed"],
+             job["estimated_cost_usd"] if job["ingested"] else job["estimated_input_cost_usd"],
+             (job["created_at"] or "")[:19]] for job in jobs]
+    open_jobs = [job for job in jobs if not job["ingested"]]
+    text = (f"{len(jobs)} batch job(s) for **{html.escape(dataset)}**"
+            + (f"; open: `{html.escape(open_jobs[0]['batch'] or open_jobs[0]['display_name'])}` "
+               f"({open_jobs[0]['state']}). Poll it with `python app.py generate --dataset "
+               f"{html.escape(dataset)} --batch-status`." if open_jobs else ".")
+            + " Costs are estimates at batch prices (half the list price); an open job shows "
+              "its input estimate.")
+    return text, pd.DataFrame(rows, columns=BATCH_COLUMNS), jobs
+
+
 @handle_errors
 def export(token: str | None, dataset: str | None, include_suggestions: bool) -> str:
     """/export_snapshot: an immutable, content-hashed snapshot of the corrections (admin)."""
@@ -104,8 +149,11 @@ def create_data_tab(token: gr.BrowserState) -> dict:
                          "snapshots.", elem_classes=["emo-locked"])
     with gr.Column(visible=False, elem_id="data-panel") as panel:
         with gr.Accordion("1 · Import a dataset", open=True):
-            gr.Markdown("Reads a dataset already on the server. Re-importing adds nothing "
-                        "twice; broken files are listed, never fatal.")
+            # No server paths here: the layout reaches every visitor, signed in or not.
+            gr.Markdown("Reads a dataset already on the server, inside the import folders "
+                        "(`EMO_IMPORT_ROOTS`; by default the data dir and `imports/` beside the "
+                        "app). Re-importing adds nothing twice; broken files are listed, never "
+                        "fatal.")
             with gr.Row(equal_height=True):
                 fmt = gr.Dropdown(FORMATS, value="folder", label="Format", scale=1)
                 path = gr.Textbox(label="Path on the server", scale=3,
@@ -113,6 +161,15 @@ def create_data_tab(token: gr.BrowserState) -> dict:
                 name = gr.Textbox(label="Dataset name", scale=1,
                                   placeholder="default: the folder name")
                 run_import = gr.Button("Import", variant="primary", scale=0, min_width=110)
+            with gr.Row(equal_height=True):
+                split = gr.Dropdown([("as the layout says (default train)", "auto"), "train",
+                                     "val", "test"], value="auto", label="Split", scale=1,
+                                    info="for a folder without train/ val/ test/; else: import "
+                                         "only this split")
+                aligned = gr.Dropdown([("the format's default", "auto"),
+                                       ("yes: every image is a face crop", "yes"), ("no", "no")],
+                                      value="auto", label="Face crops", scale=1,
+                                      info="fer2013, ferplus, RAF-DB aligned/: yes by default")
             import_text = gr.Markdown()
             with gr.Row(equal_height=False):
                 by_label = gr.Dataframe(headers=["label", "samples"], label="By label",
@@ -135,6 +192,14 @@ def create_data_tab(token: gr.BrowserState) -> dict:
                 run_gen = gr.Button("Generate", variant="primary", scale=0, min_width=110)
             gen_text = gr.Markdown()
             gen_json = gr.JSON(label="Job summary", visible=False)
+            with gr.Row(equal_height=True):
+                gr.Markdown("Whole datasets at half the price: `python app.py generate "
+                            "--dataset NAME --batch` (Gemini's Batch API, answers within 24 h).")
+                show_batches = gr.Button("Batch jobs", scale=0, min_width=110)
+            batch_text = gr.Markdown()
+            batch_table = gr.Dataframe(headers=BATCH_COLUMNS, label="Batch API jobs",
+                                       interactive=False)
+            batch_json = gr.JSON(visible=False)
         with gr.Accordion("3 · Export a snapshot", open=True):
             with gr.Row(equal_height=True):
                 exp_dataset = server_choices("Dataset")
@@ -144,11 +209,13 @@ def create_data_tab(token: gr.BrowserState) -> dict:
                                        elem_id="data-export")
             export_text = gr.Markdown(elem_id="data-export-result")
 
-    run_import.click(import_data, inputs=[token, fmt, path, name],
+    run_import.click(import_data, inputs=[token, fmt, path, name, split, aligned],
                      outputs=[import_text, by_label, by_split, broken], api_name="import_dataset")
     run_gen.click(generate, inputs=[token, gen_dataset, limit, model],
                   outputs=[gen_text, gen_json], api_name="generate_instructions",
                   concurrency_id=GEMINI_GROUP, concurrency_limit=1)
+    show_batches.click(batch_jobs, inputs=[token, gen_dataset],
+                       outputs=[batch_text, batch_table, batch_json], api_name="batch_jobs")
     run_export.click(export, inputs=[token, exp_dataset, with_suggestions], outputs=export_text,
                      api_name="export_snapshot")
     return {"panel": panel,

@@ -25,6 +25,10 @@ EVALUATE_GROUP = "evaluate"
 UNAVAILABLE = ("Fine-tuning is not available in this installation: the module "
                "annotation/finetune.py is missing.")
 SERVING_DEFAULT = ("(the serving version)", "")
+# The embedded default (no checkpoint: the face prior network) can be measured like a version,
+# through the engine, but it is not one: it cannot be published or rolled back to.
+PRIOR_ONLY = "prior-only"
+PRIOR_ONLY_CHOICE = ("prior-only (the embedded default, no checkpoint)", PRIOR_ONLY)
 TERMINAL = ("succeeded", "failed", "cancelled")
 
 
@@ -68,6 +72,17 @@ def snapshot_choices() -> list[tuple[str, int]]:
                  f"{snap.created_at:%Y-%m-%d %H:%M}", snap.id) for snap, name in rows]
 
 
+def evaluation_choices(names: list[str]) -> list[tuple[str, str]]:
+    """What the Version dropdown offers: every version, then the embedded default."""
+    return [(n, n) for n in names] + [PRIOR_ONLY_CHOICE]
+
+
+def _not_prior_only(version: str, action: str) -> None:
+    if version.strip().lower() == PRIOR_ONLY:
+        raise UserError(f"prior-only is the embedded default, not a model version: it can be "
+                        f"evaluated, not {action}.")
+
+
 def versions() -> list[dict]:
     if not available():
         return []
@@ -101,7 +116,13 @@ def serving_text(rows: list[dict]) -> str:
         return ("No fine-tuned version is serving yet: the engine runs the model it started with "
                 "(EMO_LLAMA_MODEL / --model).")
     uar = _uar_text(serving.get("metrics"))
-    return f"Serving **{html.escape(serving['name'])}**" + (f", UAR {uar}." if uar else ".")
+    text = f"Serving **{html.escape(serving['name'])}**" + (f", UAR {uar}." if uar else ".")
+    # The registry says what should serve; the engine says what answers (a failed or pending load).
+    answering = str(engine().info["model_version"])
+    if answering.split(":")[-1] != serving["name"]:
+        text += (f" The engine still answers with **{html.escape(answering)}**: it follows the "
+                 "registry within seconds; if this stays, the version failed to load (server log).")
+    return text
 
 
 def progress_html(status: dict, events: list[dict]) -> str:
@@ -134,9 +155,10 @@ def progress_html(status: dict, events: list[dict]) -> str:
 
 
 def loss_frame(events: list[dict]) -> pd.DataFrame:
-    steps = [e for e in events if e.get("event") == "step" and e.get("loss") is not None]
-    return pd.DataFrame({"step": [int(e["step"]) for e in steps],
-                         "loss": [float(e["loss"]) for e in steps]})
+    from annotation.finetune import loss_curve
+
+    curve = loss_curve(events)  # one point per step: a resumed job logs its repeats again
+    return pd.DataFrame({"step": [step for step, _ in curve], "loss": [loss for _, loss in curve]})
 
 
 def log_text(events: list[dict]) -> str:
@@ -210,8 +232,8 @@ def poll(token: str | None, job_id: int | None, seen: list | None):
     names = [v["name"] for v in rows]
     return (*shown, gr.update(choices=jobs),
             gr.update(choices=[SERVING_DEFAULT] + [(n, n) for n in names]),
-            gr.update(choices=names, **({"value": status["version"]} if status.get("version")
-                                        else {})),
+            gr.update(choices=evaluation_choices(names),
+                      **({"value": status["version"]} if status.get("version") else {})),
             versions_frame(rows), serving_text(rows), mode_banner(engine().info))
 
 
@@ -234,7 +256,7 @@ def refresh(token: str | None):
     return (gr.update(choices=jobs, value=jobs[0][1] if jobs else None),
             gr.update(choices=snapshot_choices()),
             gr.update(choices=[SERVING_DEFAULT] + [(n, n) for n in names]),
-            gr.update(choices=names, value=names[-1] if names else None),
+            gr.update(choices=evaluation_choices(names), value=names[-1] if names else PRIOR_ONLY),
             versions_frame(rows), serving_text(rows))
 
 
@@ -248,19 +270,28 @@ def refresh_quietly(token: str | None):
 
 
 @handle_errors
-def evaluate(token: str | None, version: str | None, dataset: str | None, split: str):
-    """/evaluate_version: UAR, WAR, per-class recall and the confusion matrix (admin)."""
+def evaluate(token: str | None, version: str | None, dataset: str | None, split: str,
+             progress=gr.Progress()):
+    """/evaluate_version: UAR, WAR, per-class recall and the confusion matrix (admin).
+    `version` "prior-only" measures the embedded default (the prior network, no checkpoint)."""
     require(token, "admin")
     if not version or not dataset:
         raise UserError("Choose a version and a dataset to evaluate on.")
     from annotation.evaluate import evaluate_version
 
-    report = evaluate_version(version, dataset, split=split)
+    report = evaluate_version(version, dataset, split=split,
+                              progress=lambda done, total: progress((done, total), unit="samples"))
     recall = pd.DataFrame([[label, "" if value is None else f"{value:.3f}"]
                            for label, value in report["per_class_recall"].items()],
                           columns=["class", "recall"])
-    summary = (f"**{html.escape(version)}** on {html.escape(dataset)}/{split}: UAR "
+    shown = (f"{PRIOR_ONLY} (the embedded default)" if version.strip().lower() == PRIOR_ONLY
+             else version)
+    summary = (f"**{html.escape(shown)}** on {html.escape(dataset)}/{html.escape(split)}: UAR "
                f"**{report['uar']:.3f}** · WAR **{report['war']:.3f}** · {report['n']} samples")
+    if report.get("no_face"):
+        summary += (f" · no face found in {report['no_face']}"
+                    + (" (no label: counted as misses)" if report.get("unanswered")
+                       else " (answered from the whole frame)"))
     if isinstance(report.get("rouge_l"), (int, float)):
         summary += f" · ROUGE-L {report['rouge_l']:.3f} on {report['rouge_l_n']} explanations"
     if isinstance(report.get("ece"), (int, float)):
@@ -279,6 +310,7 @@ def publish(token: str | None, version: str | None):
     require(token, "admin")
     if not version:
         raise UserError("Choose a version to publish.")
+    _not_prior_only(version, "published")
     from annotation.versions import publish as publish_version
 
     publish_version(version)
@@ -291,6 +323,7 @@ def rollback(token: str | None, version: str | None):
     require(token, "admin")
     if not version:
         raise UserError("Choose the version to roll back to.")
+    _not_prior_only(version, "rolled back to")
     from annotation.versions import rollback as rollback_to
 
     rollback_to(version)
@@ -345,7 +378,9 @@ def create_finetune_tab(token: gr.BrowserState, banner: gr.HTML) -> dict:
                                   interactive=False, autoscroll=True)
         with gr.Accordion("Evaluate, publish, roll back", open=True):
             with gr.Row(equal_height=True):
-                version = server_choices("Version", elem_id="finetune-version")
+                version = server_choices("Version", elem_id="finetune-version",
+                                         choices=[PRIOR_ONLY_CHOICE], value=PRIOR_ONLY,
+                                         info="prior-only measures the embedded default")
                 eval_dataset = server_choices("Dataset")
                 split = gr.Radio(["test", "val", "train"], value="test", label="Split")
             with gr.Row():

@@ -17,27 +17,36 @@ from pathlib import Path
 import gradio as gr
 from PIL import Image, UnidentifiedImageError
 
+from core.errors import MediaError
 from webapp.components.common import (MODEL_GROUP, engine, handle_errors, require_file,
                                       stream_outputs)
 from webapp.components.render import draw_faces, prediction_panels, result_values
 
 
 def media_image(**kwargs) -> gr.Image:
-    """A gr.Image (type="filepath") that passes an unreadable upload on as its path.
+    """A gr.Image whose handler gets the uploaded file's own path, undecoded.
 
-    Stock gr.Image opens every upload with PIL before the handler runs, so a corrupt file would
-    end as an anonymous "Error". Handing the path on lets the engine's MediaError say what is
-    wrong with the file. (Wrapping the instance's method rather than subclassing: Gradio writes
-    a .pyi stub next to the source of every Component subclass.)
+    Stock gr.Image opens every upload with PIL and, in its default image_mode="RGB", decodes
+    and converts it before the handler runs: a 16-bit PNG is clipped to 8 bits (and loses its
+    face), a small PNG declaring 13000x13000 pixels costs its full decode before our limits
+    run, a corrupt file ends as an anonymous "Error". The original file goes to core.media
+    instead, which checks the header first and says what is wrong. Webcam, paste and examples
+    arrive as uploaded files too; a data: URL (older clients) is written to a file by Gradio.
+    (Wrapping the instance's method rather than subclassing: Gradio writes a .pyi stub next to
+    the source of every Component subclass.)
     """
-    image = gr.Image(type="filepath", **kwargs)
+    image = gr.Image(type="filepath", image_mode=None, **kwargs)
     stock = image.preprocess
 
     def preprocess(payload):
+        if payload is None:
+            return None
+        if payload.path and not (payload.url or "").startswith("data:"):
+            return str(payload.path)
         try:
             return stock(payload)
         except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError):
-            return str(payload.path) if payload is not None and payload.path else None
+            return str(payload.path) if payload.path else None
 
     image.preprocess = preprocess
     return image
@@ -65,19 +74,23 @@ def ensure_examples(folder: Path) -> list[str]:
 
 
 @handle_errors
-def predict_image(image: str | None):
-    """Run the engine on one image, streaming the explanation as it is generated."""
-    from core.media import load_image  # the same decoding (and EXIF turn) as the engine's
+def predict_image(image: str | None, aligned: bool = False):
+    """Run the engine on one image, streaming the explanation as it is generated. `aligned`:
+    the photo is a face crop (no detection; the whole image is the face)."""
+    from core.media import VIDEO_EXTENSIONS, load_image  # the engine's decoding and EXIF turn
 
     path = require_file(image, "an image (upload, paste or webcam)")
+    if Path(path).suffix.lower() in VIDEO_EXTENSIONS:  # the engine would read it as a clip
+        raise MediaError(f"{Path(path).name}: this is a video: use the Video tab / predict_video")
+    limits = engine().config.limits  # the engine's scale-down too, so the boxes fit the picture
     rgb = []  # decoded once, on the first result
 
     def render(result: dict) -> tuple:
         if not rgb:
-            rgb.append(load_image(path))
+            rgb.append(load_image(path, limits))
         return result, draw_faces(rgb[0], result.get("faces") or []), *result_values(result)
 
-    yield from stream_outputs(path, render, n_outputs=7)
+    yield from stream_outputs(path, render, n_outputs=7, aligned=bool(aligned))
 
 
 # Example answers, kept per (serving model version, example file): after a publish or rollback
@@ -113,6 +126,9 @@ def create_image_tab(examples_dir: Path, concurrency: int) -> None:
         with gr.Column(scale=5):
             image = media_image(sources=["upload", "clipboard", "webcam"],
                                label="Photo", height=380, elem_id="image-input")
+            crop = gr.Checkbox(label="The photo is a face crop", value=False, elem_id="image-aligned",
+                               info="As in FER2013 or RAF-DB aligned: no face detection, the "
+                                    "whole photo is the face")
             with gr.Row():
                 clear = gr.ClearButton(value="Clear")
                 run = gr.Button("Recognise expression", variant="primary", elem_id="image-run")
@@ -128,7 +144,7 @@ def create_image_tab(examples_dir: Path, concurrency: int) -> None:
         "image", "Faces: the prior network's view (AGR when an attribute network is configured)")
 
     outputs = [prediction, drawn, summary, label, chart, faces, timings, explanation]
-    run.click(predict_image, inputs=image, outputs=outputs, api_name="predict_image",
+    run.click(predict_image, inputs=[image, crop], outputs=outputs, api_name="predict_image",
               concurrency_id=MODEL_GROUP, concurrency_limit=concurrency)
     clear.add([image, *outputs])
     with examples_holder:

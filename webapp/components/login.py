@@ -58,10 +58,19 @@ def browser_state() -> gr.BrowserState:
     return gr.BrowserState(None, storage_key=STORAGE_KEY, secret=secret)
 
 
+LOGIN_GROUP = "login"
+# Sign-ins have their own slots: password hashing (argon2 runs outside the GIL, in Gradio's
+# worker threads, never on the event loop) must not take the slots of the store and polling
+# events, and a flood of refused attempts (answered at once) cannot hold those either.
+LOGIN_CONCURRENCY = 2
+
+
 @handle_errors
-def sign_in(name: str, password: str) -> str:
+def sign_in(name: str, password: str, request: gr.Request = None) -> str:
     """/login: user name + password -> a session token."""
-    return login(name, password)
+    from webapp.limits import client_key
+
+    return login(name, password, client=client_key(request))
 
 
 def identity_text(who: Identity | None, problem: str | None = None) -> str:
@@ -88,9 +97,11 @@ def create_login_bar(token: gr.BrowserState) -> dict:
                              visible=False)
         if hf_oauth_enabled():
             gr.LoginButton("Sign in with Hugging Face", scale=0, min_width=220)
-    submit.click(sign_in, inputs=[name, password], outputs=token, api_name="login") \
+    slots = dict(concurrency_id=LOGIN_GROUP, concurrency_limit=LOGIN_CONCURRENCY)
+    submit.click(sign_in, inputs=[name, password], outputs=token, api_name="login", **slots) \
         .then(lambda: "", outputs=password, api_visibility="private")
-    password.submit(sign_in, inputs=[name, password], outputs=token, api_visibility="private") \
+    password.submit(sign_in, inputs=[name, password], outputs=token, api_visibility="private",
+                    **slots) \
         .then(lambda: "", outputs=password, api_visibility="private")
     sign_out.click(lambda: None, outputs=token, api_visibility="private")
     # Signed out: the form shows; signed in (any role): the sign-out button does.

@@ -66,7 +66,7 @@ def label_value(result: dict) -> dict | str | None:
 
 
 FACE_COLUMNS = ["face", "frame", "box (x1, y1, x2, y2)", "detector score", "prior: top expression",
-                "age / gender / race"]
+                "age / gender / race (AGR)"]
 
 
 def faces_frame(faces: list[dict]) -> pd.DataFrame:
@@ -81,10 +81,25 @@ def faces_frame(faces: list[dict]) -> pd.DataFrame:
             ", ".join(f"{v:.0f}" for v in face["box"]),
             round(float(face.get("score", 0.0)), 3),
             f"{best[0]} ({best[1]:.0%})" if best else "",
-            " / ".join(str(attrs.get(k, "?")) for k in ("age", "gender", "race")) if attrs
-            else "no attribute network configured",
+            attributes_text(attrs),
         ])
     return pd.DataFrame(rows, columns=FACE_COLUMNS)
+
+
+def attributes_text(attrs: dict | None) -> str:
+    """The AGR cell: what the attribute network said, and plainly what it did not estimate."""
+    if not attrs:
+        # No attribute network configured, or it was not asked (a tiny or doubtful face).
+        return "not estimated"
+    age = str(attrs.get("age") or "") or "age not estimated"
+    if attrs.get("age_years") is not None:
+        age += f" (≈{float(attrs['age_years']):.0f})"
+    gender = str(attrs.get("gender") or "") or "gender not estimated"
+    if attrs.get("gender_probability") is not None:
+        gender += f" ({float(attrs['gender_probability']):.0%})"
+    # The default network estimates age and gender only; no race network is available offline.
+    race = str(attrs.get("race") or "") or "race not estimated"
+    return " / ".join((age, gender, race))
 
 
 def timings_text(timings: dict | None) -> str:
@@ -129,8 +144,13 @@ def result_summary(result: dict) -> str:
     count = f"{len(faces)} face{'s' if len(faces) != 1 else ''}"
     version = html.escape(str(result.get("model_version") or ""))
     badge = MODE_BADGES.get(result.get("mode"), "")
+    agr = result.get("agr_sentence")
+    attrs = next((f["attributes"] for f in faces if f.get("attributes")), None) or {}
+    no_race = "" if attrs.get("race") else " (race is not estimated)"
+    agr_line = (f"<div class='emo-meta emo-agr'>The prompt's AGR sentence: {html.escape(agr)}"
+                f"{no_race}</div>" if agr else "")
     return (f"<div class='emo-summary'>{head}<span class='emo-meta'>{count} · model "
-            f"{version}{badge}</span></div>")
+            f"{version}{badge}</span>{agr_line}</div>")
 
 
 def result_values(result: dict) -> tuple:

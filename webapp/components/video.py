@@ -10,7 +10,6 @@ for the player; analysis always reads the original file.
 """
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import shutil
@@ -20,7 +19,6 @@ from pathlib import Path
 
 import gradio as gr
 import numpy as np
-from PIL import Image
 
 from annotation.importers import content_hash
 from core.errors import MediaError
@@ -44,16 +42,25 @@ def _engine_settings() -> tuple[int, object]:
 
 
 def check_length(path: str, limits) -> dict:
-    """Probe the clip and refuse a long one with a message that says what to do about it."""
-    from core.media import probe_video
+    """Probe the clip (header first, nothing decoded) and refuse what the Video tab cannot use.
 
-    meta = probe_video(path, dataclasses.replace(limits, max_video_seconds=float("inf")))
-    if meta["duration_s"] > limits.max_video_seconds:
-        minutes, seconds = divmod(round(meta["duration_s"]), 60)
+    An image gets pointed to the Image tab, and a long clip a message that says how to trim it.
+    """
+    from core.media import VideoTooLong, media_kind, probe_video
+
+    if not Path(path).is_dir() and media_kind(path) == "image":
+        from core.media import probe_image
+
+        name = Path(path).name
+        probe_image(path, limits)  # HEIC, empty or broken files: their own message first
+        raise MediaError(f"{name}: this is an image: use the Image tab / predict_image")
+    try:
+        return probe_video(path, limits)
+    except VideoTooLong as exc:
+        minutes, seconds = divmod(round(exc.duration_s), 60)
         raise MediaError(f"This video is {minutes} min {seconds} s long; the app analyses clips "
-                         f"of up to {limits.max_video_seconds:.0f} s. Trim it first, e.g. "
-                         f"ffmpeg -i in.mp4 -t {limits.max_video_seconds:.0f} -c copy short.mp4")
-    return meta
+                         f"of up to {exc.limit_s:.0f} s. Trim it first, e.g. "
+                         f"ffmpeg -i in.mp4 -t {exc.limit_s:.0f} -c copy short.mp4") from None
 
 
 def playable_video(path: str, in_cache: bool = False) -> str:
@@ -94,11 +101,11 @@ def _rgb_frames(source: Path) -> tuple[Iterator[np.ndarray], Fraction]:
     """Every frame of a video file or a frame folder, as RGB arrays, and the frame rate."""
     import av
 
-    from core.media import IMAGE_EXTENSIONS
+    from core.media import IMAGE_EXTENSIONS, load_image
 
-    if source.is_dir():
+    if source.is_dir():  # the analysis's decoding (limits, 16-bit, EXIF) for the player too
         files = sorted(p for p in source.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
-        return (np.asarray(Image.open(p).convert("RGB")) for p in files), FOLDER_FPS
+        return (load_image(p) for p in files), FOLDER_FPS
 
     def decoded() -> Iterator[np.ndarray]:
         with av.open(str(source)) as container:
@@ -171,6 +178,9 @@ def show_playable(video: str | None):
     if not video:
         return None, ""
     try:
+        # The header check first: an over-long, over-size or non-video upload is never
+        # decoded here, where nothing would use it (the analysis says what is wrong).
+        check_length(video, _engine_settings()[1])
         return playable_video(video), ""
     except Exception as exc:  # the analysis reports unreadable files; the player just says so
         log.info("no playable copy of %s: %s", video, exc)
