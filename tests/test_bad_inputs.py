@@ -20,7 +20,7 @@ import pytest
 
 from tests.media_files import (CORPUS_CODECS, bad_input_corpus, face_photo, has_encoder,
                                write_image)
-from tests.test_webapp_api import _free_port, _wait_until_up
+from tests.test_webapp_api import served_app
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -140,21 +140,9 @@ def prior_only_app(tmp_path_factory):
            "GRADIO_ANALYTICS_ENABLED": "False"}
     for key in ("GEMINI_API_KEY", "GOOGLE_API_KEY"):
         env.pop(key, None)
-    port = _free_port()
     log = root / "server.log"
-    with open(log, "w") as out:
-        process = subprocess.Popen([sys.executable, "app.py", "serve", "--port", str(port)],
-                                   cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        _wait_until_up(url, process, log)
+    with served_app(env, log) as url:
         yield url, log, root
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
 
 
 def _client(app):

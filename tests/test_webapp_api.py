@@ -13,6 +13,8 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -86,6 +88,26 @@ def _wait_until_up(url: str, process: subprocess.Popen, log: Path) -> None:
     pytest.fail(f"the app did not start within {SERVER_START_S} s:\n{log.read_text()[-3000:]}")
 
 
+@contextmanager
+def served_app(env: dict, log: Path, *serve_args: str) -> Iterator[str]:
+    """`python app.py serve` on a free port with `env`, output into `log`; yields its URL once it
+    answers and stops it afterwards."""
+    port = _free_port()
+    with open(log, "w") as out:
+        process = subprocess.Popen([sys.executable, "app.py", "serve", "--port", str(port), *serve_args],
+                                   cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        _wait_until_up(url, process, log)
+        yield url
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+
+
 @pytest.fixture(scope="module")
 def fake_gemini_url():
     from tests.fake_gemini import FakeGemini
@@ -124,22 +146,9 @@ def studio(tmp_path_factory, tiny_checkpoint, fake_gemini_url):  # noqa: F811
            "GRADIO_ANALYTICS_ENABLED": "False", "PYTHONUNBUFFERED": "1",
            "EMO_ADMIN_USER": "boss", "EMO_ADMIN_PASSWORD": "boss-from-space-secret"}
     env.pop("GOOGLE_API_KEY", None)
-    port = _free_port()
     log = root / "server.log"
-    with open(log, "w") as out:
-        process = subprocess.Popen(
-            [sys.executable, "app.py", "serve", "--port", str(port), "--model",
-             str(tiny_checkpoint)], cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        _wait_until_up(url, process, log)
+    with served_app(env, log, "--model", str(tiny_checkpoint)) as url:
         yield Studio(url=url, root=root, db_url=db_url, log=log, files=files)
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
 
 
 def _app_error(call) -> str:
@@ -689,21 +698,9 @@ def limited_studio(tmp_path_factory):
                "EMO_GEMINI_PER_MINUTE": "1"}
         for name in ("GOOGLE_API_KEY", "EMO_LLAMA_MODEL", "EMO_TRUST_FORWARDED"):
             env.pop(name, None)
-        port = _free_port()
         log = root / "server.log"
-        with open(log, "w") as out:
-            process = subprocess.Popen([sys.executable, "app.py", "serve", "--port", str(port)],
-                                       cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
-        url = f"http://127.0.0.1:{port}"
-        try:
-            _wait_until_up(url, process, log)
+        with served_app(env, log) as url:
             yield Studio(url=url, root=root, db_url=db_url, log=log, files=files), fake
-        finally:
-            process.terminate()
-            try:
-                process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                process.kill()
 
 
 def test_gemini_is_rate_limited_per_visitor_within_a_daily_budget(limited_studio):
