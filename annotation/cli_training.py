@@ -30,6 +30,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--gate-margin", type=float, help="allowed UAR drop against the parent (default 0)")
     p.add_argument("--gradient-checkpointing", action="store_true", default=None)
     p.add_argument("--seed", type=int, help="default 0")
+    p.add_argument("--num-workers", type=int, help="processes preparing samples ahead (default 0)")
+    p.add_argument("--no-feature-cache", dest="feature_cache", action="store_false", default=None,
+                   help="prepare every sample and run the vision tower every epoch")
     p.add_argument("--name", help="name of the new version (default v<job id>)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(handler=finetune_command)
@@ -56,7 +59,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 OPTION_FLAGS = ("epochs", "lr", "batch_size", "grad_accum", "max_steps", "scheduler", "warmup_ratio",
                 "replay_ratio", "checkpoint_every", "num_frames", "precision", "eval_split", "gate_margin",
-                "gradient_checkpointing", "seed", "name")
+                "gradient_checkpointing", "seed", "name", "num_workers", "feature_cache")
 
 
 def finetune_command(args: argparse.Namespace) -> int:

@@ -64,6 +64,8 @@ class TrainOptions:
     eval_split: str = "test"      # the held-out split the publish gate is measured on
     gate_margin: float = 0.0      # allowed UAR drop against the parent (0: never worse)
     name: str | None = None       # the new version's name (default v<job id>, fixed at creation)
+    num_workers: int = 0          # DataLoader processes preparing samples ahead (0: in the trainer)
+    feature_cache: bool = True    # keep prepared samples + frozen vision features from epoch 1 on
 
     @classmethod
     def from_dict(cls, values: dict | None) -> "TrainOptions":
@@ -91,6 +93,7 @@ class TrainOptions:
                   (self.num_frames is None or self.num_frames >= 1, "num_frames must be at least 1"),
                   (self.precision in ("auto", "bf16", "fp32"), "precision must be auto, bf16 or fp32"),
                   (self.eval_split in ("train", "val", "test"), "eval_split must be train, val or test"),
+                  (0 <= self.num_workers <= 64, "num_workers must be 0 to 64"),
                   (self.gate_margin >= 0, "gate_margin must be 0 or more"),
                   (self.name is None or bool(VERSION_NAME.match(self.name)),
                    "a version name is 1-80 letters, digits, '.', '_' or '-', starting with a letter or digit")]
@@ -290,9 +293,9 @@ def _recent_events(path: Path, size: int = 65536) -> list[dict]:
     return _parse(lines)
 
 
-def _alive(pid: int | None) -> bool:
-    """Is `pid` a live fine-tune process (not a zombie, not an unrelated process that got the
-    pid after a reboot)?"""
+def _alive(pid: int | None, marker: bytes = b"finetune") -> bool:
+    """Is `pid` a live job process whose command line holds `marker` (not a zombie, not an
+    unrelated process that got the pid after a reboot)?"""
     if not pid:
         return False
     try:
@@ -309,7 +312,7 @@ def _alive(pid: int | None) -> bool:
     try:
         if Path(f"/proc/{pid}/stat").read_text().split()[2] == "Z":
             return False
-        return b"finetune" in Path(f"/proc/{pid}/cmdline").read_bytes()
+        return marker in Path(f"/proc/{pid}/cmdline").read_bytes()
     except OSError:
         return True  # no /proc: trust kill(0)
 
@@ -360,13 +363,8 @@ def job_status(job_id: int, url: str | None = None) -> dict:
                   "log_path": job.log_path, "pid": job.pid, "snapshot_id": job.snapshot_id,
                   "version": (final or {}).get("version"), "published": (final or {}).get("published"),
                   "metrics": job.metrics or {}, "created_at": created.isoformat()}
-    if status["status"] == "succeeded" and status["published"]:
-        # The job published in its own process; the engine serving requests lives in this one.
-        from annotation.versions import activate_in_engine, find_version
-
-        version = find_version(status["version"], url)
-        if version and version["is_serving"]:
-            activate_in_engine(version)
+    # A read changes nothing: a version the job published reaches the engine of the web process
+    # through the registry watcher (webapp.app.follow_registry), which swaps on the registry row.
     return status
 
 

@@ -9,7 +9,11 @@ process (once per rank under `accelerate launch`). In reading order:
 1. the data: the snapshot's train records plus, every epoch, a fresh seeded draw of earlier
    training data (the snapshots the parent version and its ancestors were trained on) against
    forgetting. The order of an epoch is a pure function of (seed, epoch), and optimizer step `s`
-   always sees the same samples, so a resumed job continues exactly where it was killed;
+   always sees the same samples, so a resumed job continues exactly where it was killed.
+   A sample is prepared (decode, faces, image processing, tokens) by a loader, `num_workers`
+   processes ahead of the step (0: in the trainer), and its frozen vision features are computed
+   alone; the feature cache keeps both from the first epoch on (in CPU memory, up to
+   EMO_FEATURE_CACHE_MB, 4096 by default), so later epochs run only the trainable parts;
 2. the model: the parent version's checkpoint (frozen base in bf16 on GPU; the trainable LoRA and
    connector weights in fp32 under autocast), AdamW, a transformers LR schedule, `accelerate`
    for devices and processes;
@@ -21,6 +25,7 @@ process (once per rank under `accelerate launch`). In reading order:
 """
 from __future__ import annotations
 
+import dataclasses
 import gc
 import json
 import logging
@@ -133,6 +138,138 @@ def question_and_answer(record: dict, config=None) -> tuple[str, str]:
     if config is None:
         return record_text_question(record), answer
     return record_question(record, config, record.get("label_set")), answer
+
+
+def record_key(record: dict) -> str:
+    """What a prepared sample is a pure function of within one job (the recipe's question is
+    deterministic, the frozen base and the frame count are the job's)."""
+    return str(record.get("id") or record.get("image") or record.get("video"))
+
+
+class SampleDataset(torch.utils.data.Dataset):
+    """Records -> (EmoInput, answer): decode, face analysis and `prepare`'s CPU part (the image
+    processor, the tokenizers). Runs in DataLoader workers when there are any; `skip` names the
+    samples the feature cache already holds (they come back as None, at no cost)."""
+
+    def __init__(self, records: list[dict], prepare, skip=frozenset()):
+        self.records, self.prepare, self.skip = records, prepare, skip
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, i: int):
+        record = self.records[i]
+        if record_key(record) in self.skip:
+            return None
+        x, answer = self.prepare(record)
+        # The prepared media's lock does not cross a process boundary; the trainer re-attaches it.
+        return (dataclasses.replace(x, media=None) if torch.utils.data.get_worker_info() else x), answer
+
+
+def with_media(x):
+    """`x` with a PreparedMedia to carry its frozen features to the model (a sample from a
+    worker process comes without one)."""
+    from core.model.modeling import PreparedMedia
+
+    if x.media is not None:
+        return x
+    return dataclasses.replace(x, media=PreparedMedia(x.kind, x.pixel_values, x.face_pixels, x.face_landmarks,
+                                                      x.prior_embeddings))
+
+
+def _one_sample(items: list):
+    return items[0]  # batch_size=1 + this collate: a sample as prepared, no tensor stacking
+
+
+def sample_loader(records: list[dict], prepare, skip: set[str], num_workers: int, seed: int):
+    """The prepared samples of `records`, in order, `num_workers` ahead of the training step.
+    Its own generator: making an iterator draws a worker seed, and a draw from the global RNG
+    would move LoRA dropout off the uninterrupted run's (resume reproduces it exactly)."""
+    from torch.utils.data import DataLoader
+
+    # In this process with no workers (the per-path face cache then lives on across epochs), and
+    # when the cache holds everything (starting workers would cost more than they save).
+    if num_workers == 0 or all(record_key(r) in skip for r in records):
+        return map(SampleDataset(records, prepare, skip).__getitem__, range(len(records)))
+    return iter(DataLoader(SampleDataset(records, prepare, skip), batch_size=1, collate_fn=_one_sample,
+                           num_workers=num_workers, prefetch_factor=4, multiprocessing_context="fork",
+                           generator=torch.Generator().manual_seed(seed),
+                           worker_init_fn=_quiet_tokenizers))
+
+
+def _quiet_tokenizers(_worker: int) -> None:
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # a forked worker must not start Rust threads
+
+
+def frozen_features(core, x) -> tuple[torch.Tensor, torch.Tensor]:
+    """One sample's frozen vision-tower features (frames, aligned faces), computed alone: their
+    values then never depend on which other samples share a micro-batch, so a cached sample, a
+    fresh one and a resumed run see bit-identical features."""
+    from core.model.vision import encoder_features
+
+    frames = x.pixel_values.shape[0]
+    pixels = x.pixel_values if x.face_pixels is None else torch.cat([x.pixel_values, x.face_pixels])
+    with torch.no_grad():
+        features = encoder_features(core.vision, pixels.to(core.device, core.dtype), core.config.vision_select_layer)
+    return features[:frames], features[frames:]
+
+
+class FeatureCache:
+    """Prepared samples with their frozen features, kept from the first epoch on: the vision tower
+    and face analysis never change while the LoRA and connector train, so from epoch 2 a cached
+    sample costs no decode, no face pass, no image processing and no vision pass. Features live
+    in CPU memory (device memory is the LLM's) up to `budget_mb`; samples past it are prepared
+    afresh each epoch as without a cache. `enabled=False` keeps nothing."""
+
+    def __init__(self, enabled: bool = True, budget_mb: float = 4096):
+        self.enabled, self.budget = enabled, budget_mb * 2 ** 20
+        self.entries: dict[str, tuple] = {}
+        self.bytes = 0
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.entries
+
+    def get(self, key: str) -> tuple:
+        return self.entries[key]
+
+    def put(self, key: str, sample: tuple, frames: torch.Tensor, faces: torch.Tensor) -> None:
+        x = sample[0]
+        size = sum(t.numel() * t.element_size() for t in (frames, faces, x.pixel_values, x.face_pixels,
+                                                         x.prior_embeddings) if t is not None)
+        if self.enabled and key not in self.entries and self.bytes + size <= self.budget:
+            self.entries[key] = (sample, frames.cpu(), faces.cpu())
+            self.bytes += size
+
+    def clear(self) -> None:
+        self.entries.clear()
+        self.bytes = 0
+
+
+def micro_batch(records: list[dict], upcoming, cache: FeatureCache, core, prepare, autocast) -> list[tuple]:
+    """The (EmoInput, answer) pairs of a micro-batch, each carrying its frozen features to the
+    model: from the cache, or prepared (by the loader `upcoming`, which yields one item per
+    record in order) with features computed now and offered to the cache."""
+    batch = []
+    for r in records:
+        key, prepared = record_key(r), next(upcoming)
+        if key in cache:
+            sample, frames, faces = cache.get(key)
+        else:
+            sample = prepared if prepared is not None else prepare(r)
+            sample = (with_media(sample[0]), sample[1])
+            with autocast():  # the dtype the forward's own vision pass would give
+                frames, faces = frozen_features(core, sample[0])
+            cache.put(key, sample, frames, faces)
+        # The model reads a request's features from its prepared media: no vision pass.
+        sample[0].media.keep_features(core.vision, core.dtype, frames.to(core.device), faces.to(core.device))
+        batch.append(sample)
+    return batch
+
+
+def release(batch: list[tuple]) -> None:
+    """Drop a micro-batch's device copies of its features (the cache keeps its CPU ones)."""
+    for x, _ in batch:
+        x.media.forget_features()
 
 
 # ====================================================================== 2. the model
@@ -342,16 +479,23 @@ def train_job(job_id: int, resume: bool = False, url: str | None = None) -> int:
         if state is not None:  # last, so nothing set up above (the face networks) draws from it
             _set_rng_state(own["rng"])
         model.train()
-        started, first_step, items, items_epoch = time.time(), step, [], None
+        cache = FeatureCache(opts.feature_cache, float(os.environ.get("EMO_FEATURE_CACHE_MB", 4096)))
+        started, first_step, items, items_epoch, upcoming = time.time(), step, [], None, iter(())
         while step < total_steps and not stop_requested():
             epoch, within = divmod(step, steps_per_epoch)
             if epoch != items_epoch:
                 items, items_epoch = data.epoch(epoch), epoch
+                # This rank's samples for the rest of the epoch, in the order the steps use them,
+                # prepared ahead by the loader (those the cache holds come back as None).
+                ahead = [r for w in range(within, steps_per_epoch)
+                         for r in step_samples(items, w, per_step, world)[rank::world]]
+                upcoming = sample_loader(ahead, example, cache.entries if opts.num_workers == 0
+                                         else set(cache.entries), opts.num_workers, opts.seed)
             mine = step_samples(items, within, per_step, world)[rank::world]
             micro_batches = [mine[i:i + opts.batch_size] for i in range(0, len(mine), opts.batch_size)]
             total_loss = 0.0
             for k, records in enumerate(micro_batches):
-                batch = [example(r) for r in records]
+                batch = micro_batch(records, upcoming, cache, core, example, accelerator.autocast)
                 # Gradients are all-reduced once per optimizer step, on its last micro-batch.
                 sync = k == len(micro_batches) - 1 or deepspeed
                 with _maybe_no_sync(accelerator, model, sync):  # (prepare() added the autocast)
@@ -360,6 +504,7 @@ def train_job(job_id: int, resume: bool = False, url: str | None = None) -> int:
                 weight = 1.0 if deepspeed else len(records) / len(mine)
                 accelerator.backward(loss * weight)
                 total_loss += loss.item() * len(records) / len(mine)
+                release(batch)
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad()
@@ -369,12 +514,16 @@ def train_job(job_id: int, resume: bool = False, url: str | None = None) -> int:
             elapsed = max(time.time() - started, 1e-6)
             events("step", step=step, total_steps=total_steps, epoch=epoch, loss=round(total_loss, 5),
                    lr=scheduler.get_last_lr()[0], samples_per_s=round((step - first_step) * per_step / elapsed, 2),
-                   eta_s=round((total_steps - step) * elapsed / (step - first_step), 1))
+                   eta_s=round((total_steps - step) * elapsed / (step - first_step), 1),
+                   cached_samples=len(cache.entries))
             if step % opts.checkpoint_every == 0 and step < total_steps:
                 save_checkpoint()
+        upcoming = None  # shuts the loader's workers down
+        cached_samples = len(cache.entries)
+        cache.clear()
         if step < total_steps:  # stopped by SIGTERM: keep what was learnt, resumable
             folder = save_checkpoint()
-            events("cancelled", step=step, checkpoint=str(folder))
+            events("cancelled", step=step, checkpoint=str(folder), cached_samples=cached_samples)
             if is_main:
                 set_job_status(job_id, "cancelled", url)
             return 130

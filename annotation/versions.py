@@ -201,19 +201,19 @@ _activate_lock = threading.Lock()
 
 
 def activate_in_engine(version: dict) -> bool:
-    """Hot-swap the running engine of this process (if any) to `version`.
+    """Hot-swap the running engine of this process (if any) to `version` (Engine.swap).
 
     One swap at a time: the registry watcher of the web process and a publish from the page
-    (or a finished job's poll) may ask for the same version together; the second finds it
-    serving and returns without loading it twice.
+    may ask for the same version together; the second finds it serving (Engine.serving names
+    it) and returns without loading it twice.
     """
-    import core.engine as engine_module
+    from core.engine import running_engine
 
-    engine = getattr(engine_module, "_shared", None)  # never start an engine just to swap it
+    engine = running_engine()  # never start an engine just to swap it
     if engine is None:
         return False
     with _activate_lock:
-        if engine.info["model_version"].split(":")[-1] == version["name"]:
+        if engine.serving.name == version["name"]:
             return True
-        engine.load_version(version["folder"], name=version["name"])
+        engine.swap(version["folder"], name=version["name"])
     return True

@@ -10,6 +10,11 @@ How a request flows:
          ──► model queue ──► model thread: waits up to `batch_window_ms` for company, then runs
              ONE batched label-scoring pass and ONE batched generation for up to `max_batch`
              requests, streaming each request's text to its own event queue.
+A request is bound at submit to the version (and face analyser) serving then, and is decoded,
+analysed, prepared and run on those: `swap()` changes what new requests get, never what one in
+flight runs on. Preparing is done once per request: one decode, one face pass (all frames through
+the prior network together), one image-processor pass and one vision-tower pass shared by the
+scoring prompt and the conversation prompt (EmoLlama.prepare_media).
 A full queue answers EngineBusy at once (back-pressure, not unbounded memory). A request whose
 client goes away (its iterator closed) is dropped at the next decoding step. A failing request
 fails alone: a batch that raises is retried one request at a time.
@@ -101,6 +106,21 @@ class _Request:
     streamed: str = ""
     attempt_text: str = ""
     face_notes: list[str] = field(default_factory=list)  # "8 of 30 faces shown", "too small"...
+    # The version and face analyser serving when the request was submitted: it is prepared and
+    # run on these, whatever is swapped in meanwhile (token ids and face embeddings of one
+    # version mean nothing to another).
+    model: object = None
+    analyzer: object = None
+    frames: list = field(default_factory=list)  # the sampled RGB frames, for the UI to draw on
+
+
+@dataclass(frozen=True)
+class Serving:
+    """What the engine serves: compare `name` (the registry's version name, or the checkpoint's
+    config version) instead of parsing `info["model_version"]`, which is for display."""
+    name: str
+    folder: str | None  # the checkpoint folder or hub id it was loaded from; None in prior-only mode
+    mode: str           # "checkpoint" | "tiny-test-fixture" | "prior-only"
 
 
 class Engine:
@@ -109,10 +129,9 @@ class Engine:
         self._frames_override = self.config.num_frames
         self.device, self.dtype = _pick_device(self.config.device)
         self._model = self._load(model) if model else None
+        self._folder = str(model) if model else None
         self._apply_recipe(self._model)
-        # Face embeddings must come from the prior network the checkpoint was trained with.
-        prior = self._model.config.prior if self._model is not None else FaceConfig().prior
-        self.faces = shared_analyzer(FaceConfig(prior=prior))
+        self.faces = _analyzer_for(self._model)
         self._swap_lock = threading.Lock()
         self._retired: list = []  # versions swapped out that share the base; released between batches
         self._queue: queue.Queue[_Request] = queue.Queue()
@@ -140,12 +159,23 @@ class Engine:
                                          quantization=self.config.quantization)
         return model.eval()
 
-    def load_version(self, folder_or_id: str, name: str | None = None) -> None:
-        """Load a version beside the serving one, then switch; failures leave serving untouched.
+    @property
+    def serving(self) -> Serving:
+        """The version answering new requests now (see Serving)."""
+        with self._swap_lock:
+            model, folder = self._model, self._folder
+        if model is None:
+            return Serving("prior-only", None, "prior-only")
+        return Serving(model.version, folder, "tiny-test-fixture" if model.config.is_tiny else "checkpoint")
 
-        A version built on the serving base loads only its adapter and modules onto that base;
-        the old version's adapter is released by the model thread between batches, so requests
-        in flight finish on the version they started with.
+    def swap(self, folder_or_id: str, name: str | None = None) -> Serving:
+        """The one way to change what serves: load a version beside the serving one, then
+        switch; a failure (ModelLoadError, a missing prior network) leaves serving untouched.
+
+        A version built on the serving base loads only its adapter and modules onto that base.
+        Requests already submitted finish on the version (and face analyser) they were prepared
+        for; an old adapter is released by the model thread once no such request is left. A
+        version with another prior network gets its own analyser, loaded before the switch.
         """
         from core.errors import ModelLoadError
 
@@ -160,25 +190,29 @@ class Engine:
             model = self._load(folder_or_id)
         if name:
             model.config.version = name
+        try:
+            analyzer = _analyzer_for(model)
+        except Exception:
+            if current is not None and model.llm is current.llm:
+                model.release()  # the adapter loaded onto the shared base: not kept
+            raise
         with self._swap_lock:
-            old, self._model = self._model, model
+            old, self._model, self._folder, self.faces = self._model, model, str(folder_or_id), analyzer
             self._apply_recipe(model)
             if old is not None and getattr(old, "llm", None) is getattr(model, "llm", object()):
                 self._retired.append(old)
         log.info("now serving %s", self.info["model_version"])
+        return self.serving
+
+    def load_version(self, folder_or_id: str, name: str | None = None) -> Serving:
+        """The older name of `swap()`."""
+        return self.swap(folder_or_id, name)
 
     @property
     def info(self) -> dict:
-        model = self._model
-        face_pipeline = self.faces.describe()
-        if model is None:
-            return {"model_version": "prior-only:fer2013-mini-xception", "mode": "prior-only",
-                    "is_tiny": False, "note": PRIOR_ONLY_NOTE, "face_pipeline": face_pipeline}
-        if model.config.is_tiny:
-            return {"model_version": f"tiny-test-fixture:{model.version}", "mode": "tiny-test-fixture",
-                    "is_tiny": True, "note": TINY_NOTE, "face_pipeline": face_pipeline}
-        return {"model_version": model.version, "mode": "checkpoint", "is_tiny": False,
-                "note": "", "face_pipeline": face_pipeline}
+        with self._swap_lock:
+            model, analyzer = self._model, self.faces
+        return _mode_info(model, analyzer)
 
     # ------------------------------------------------------------------ public API
     def predict(self, media, *, question: str | None = None, label_set: list[str] | None = None,
@@ -195,7 +229,10 @@ class Engine:
                explain: bool = True, timeout: float | None = None,
                aligned: bool = False) -> "RequestStream":
         """Submit now (EngineBusy is raised here) and iterate the request's events:
-        {"event": "analysis", "result"}, {"event": "text", "text"} ..., {"event": "done", "result"}.
+        {"event": "analysis", "result", "frames"}, {"event": "text", "text"} ...,
+        {"event": "done", "result", "frames"}; `frames` are the sampled RGB uint8 frames the
+        result's boxes refer to (one for an image; `faces[i]["frame"]` indexes them in a video),
+        so a caller draws on them without decoding the file again. `result` stays plain JSON.
         Closing the stream early cancels the request and frees its slot at once. `aligned`: the
         file is a face crop (FER2013, RAF-DB aligned): detection is skipped, the image is the face."""
         request = self._submit(str(media), question, label_set, explain, aligned)
@@ -231,10 +268,13 @@ class Engine:
         if self._closed.is_set():
             raise UserError("the engine is shut down")
         request = _Request(next(self._ids), media, question, label_set, explain, bool(aligned))
-        with self._count_lock:
+        # Bound to the version serving now, under the swap lock and registered as pending in the
+        # same breath, so the model thread never releases a version a request still needs.
+        with self._swap_lock, self._count_lock:
             if len(self._pending) >= self.config.max_queue:
                 self._stats["rejected_busy"] += 1
                 raise EngineBusy("the model is busy with other requests; retry in a few seconds")
+            request.model, request.analyzer = self._model, self.faces
             self._pending[request.id] = request
         try:
             self._pool.submit(self._preprocess, request)
@@ -260,11 +300,12 @@ class Engine:
             return self._finish(request, "cancelled", None)
         try:
             started = time.perf_counter()
-            model = self._model  # frames are sampled as this version was trained (its recipe)
+            model = request.model  # frames are sampled as this version was trained (its recipe)
             num_frames = recipe_frames(getattr(model, "config", None), self._frames_override)
             media = load_media(request.media, num_frames=num_frames, limits=self.config.limits)
             decoded = time.perf_counter()
-            faces = [self.faces.analyze(frame, aligned=request.aligned) for frame in media.frames]
+            request.frames = media.frames
+            faces = request.analyzer.analyze_frames(media.frames, aligned=request.aligned)
             analysed = time.perf_counter()
             request.face_notes = _face_notes(media.kind, faces)
             request.result = {
@@ -283,12 +324,15 @@ class Engine:
 
             labels = request.label_set or model.config.label_set
             request.label_set = labels
-            request.score_input = model.prepare(media.frames, faces,
+            # Prepare once: the frames and faces go through the image processor here, once, and
+            # the vision tower once at batch time; both prompts below share that pass.
+            prepared = model.prepare_media(media.frames, faces)
+            request.score_input = model.prepare(prepared, faces,
                                                 category_question(labels, media.kind, model.config))
             if request.explain:
                 # The checkpoint's first training phrasing: asked as it was trained.
                 text_question = request.question or conversation_question(media.kind, model.config)
-                request.text_input = model.prepare(media.frames, faces, text_question)
+                request.text_input = model.prepare(prepared, faces, text_question)
             request.result["timings_ms"]["prepare"] = _ms(analysed, time.perf_counter())
             request.ready = time.perf_counter()
             self._queue.put(request)
@@ -303,7 +347,7 @@ class Engine:
 
         Labels the prior network does not know are left out and named in the note, not scored 0.
         """
-        prior_labels = list(self.faces.prior.labels)
+        prior_labels = list(request.analyzer.prior.labels)
         labels = request.label_set or prior_labels
         known = [label for label in labels if label in prior_labels]
         if not known:
@@ -314,7 +358,8 @@ class Engine:
             missing = ", ".join(label for label in labels if label not in prior_labels)
             note = f"The prior network cannot score {missing}; left out. " + note
         frame_priors = [fs[0].prior for fs in faces if fs]
-        result = {**request.result, **{k: v for k, v in self.info.items() if k != "face_pipeline"}}
+        result = {**request.result, **{k: v for k, v in _mode_info(None, request.analyzer).items()
+                                       if k != "face_pipeline"}}
         if not frame_priors:
             result.update(label=None, scores={}, explanation="",
                           note="No face found, so the prior network has nothing to score. " + note)
@@ -355,29 +400,43 @@ class Engine:
 
     def _model_loop(self) -> None:
         while not self._closed.is_set():
-            with self._swap_lock:
-                retired, self._retired = self._retired, []
-            for old in retired:  # no batch is running: nothing uses these versions any more
-                try:
-                    old.release()
-                except Exception:  # a leaked adapter costs memory, not answers
-                    log.exception("could not release version %s", old.version)
+            self._release_retired()
             batch = self._next_batch()
             if not batch:
                 continue
-            with self._swap_lock:
-                model = self._model  # in-flight batches keep the version they started with
-            with self._count_lock:
-                self._batch_sizes[len(batch)] += 1
+            # Each request runs on the version it was prepared for: after a swap the queue may
+            # hold requests of two versions, which run as separate batches.
+            groups: dict[int, list[_Request]] = {}
+            for request in batch:
+                groups.setdefault(id(request.model), []).append(request)
+            for group in groups.values():
+                self._run_group(group[0].model, group)
+
+    def _release_retired(self) -> None:
+        """Drop the adapters of swapped-out versions no submitted request still needs (no batch
+        is running: the model thread calls this between batches)."""
+        with self._swap_lock, self._count_lock:
+            needed = {id(r.model) for r in self._pending.values()}
+            done = [old for old in self._retired if id(old) not in needed]
+            self._retired = [old for old in self._retired if id(old) in needed]
+        for old in done:
             try:
-                self._run_batch(model, batch)
-            except Exception:
-                # One bad request must not cost the others their answers: find it by running
-                # the batch's requests alone.
-                log.warning("a batch of %d failed; retrying its requests one by one", len(batch))
-                for request in batch:
-                    if not request.finished:
-                        self._run_alone(model, request)
+                old.release()
+            except Exception:  # a leaked adapter costs memory, not answers
+                log.exception("could not release version %s", old.version)
+
+    def _run_group(self, model, batch: list[_Request]) -> None:
+        with self._count_lock:
+            self._batch_sizes[len(batch)] += 1
+        try:
+            self._run_batch(model, batch)
+        except Exception:
+            # One bad request must not cost the others their answers: find it by running
+            # the batch's requests alone.
+            log.warning("a batch of %d failed; retrying its requests one by one", len(batch))
+            for request in batch:
+                if not request.finished:
+                    self._run_alone(model, request)
 
     def _run_alone(self, model, request: _Request) -> None:
         try:
@@ -422,6 +481,8 @@ class Engine:
         model_ms = _ms(started, time.perf_counter())
         for request in batch:
             request.result["timings_ms"]["model"] = model_ms
+            if request.score_input is not None and request.score_input.media is not None:
+                request.score_input.media.forget_features()  # answered: free the device memory
             if request.cancelled.is_set():
                 self._finish(request, "cancelled", None)
             else:
@@ -455,7 +516,9 @@ class RequestStream:
             raise StopIteration
         if kind == "done":
             self._done = True
-        return {"event": "text", "text": payload} if kind == "text" else {"event": kind, "result": payload}
+        if kind == "text":
+            return {"event": "text", "text": payload}
+        return {"event": kind, "result": payload, "frames": self._request.frames}
 
     def close(self) -> None:
         if not self._done:
@@ -481,6 +544,21 @@ def _send_text(request: _Request, piece: str) -> None:
         new = request.attempt_text[len(request.streamed):]
         request.streamed = request.attempt_text
         request.events.put(("text", new))
+
+
+def _analyzer_for(model):
+    """The face analyser of a version: its embeddings must come from the prior network the
+    checkpoint was trained with (prior-only mode: the default prior)."""
+    prior = model.config.prior if model is not None else FaceConfig().prior
+    return shared_analyzer(FaceConfig(prior=prior))
+
+
+def _mode_info(model, analyzer) -> dict:
+    face_pipeline = analyzer.describe()
+    if model is None:
+        return {"model_version": "prior-only:fer2013-mini-xception", "mode": "prior-only",
+                "is_tiny": False, "note": PRIOR_ONLY_NOTE, "face_pipeline": face_pipeline}
+    return {**_version_info(model), "face_pipeline": face_pipeline}
 
 
 def _version_info(model) -> dict:
@@ -557,6 +635,13 @@ def shared_engine() -> Engine:
     with _shared_lock:
         if _shared is None:
             _shared = Engine(os.environ.get("EMO_LLAMA_MODEL") or None)
+        return _shared
+
+
+def running_engine() -> Engine | None:
+    """The process's engine if one was started, else None (never starts one: a swap or a
+    status read in a CLI process must not load a model)."""
+    with _shared_lock:
         return _shared
 
 

@@ -440,6 +440,31 @@ class FaceAnalyzer:
     def analyze(self, rgb: np.ndarray, aligned: bool = False) -> FaceList:
         """All faces in an RGB uint8 image, largest first (at most `max_faces`; `found` says how
         many were detected). `aligned=True`: the image is a face crop, and is that one face."""
+        return self.analyze_frames([rgb], aligned=aligned)[0]
+
+    def analyze_frames(self, frames: list[np.ndarray], aligned: bool = False) -> list[FaceList]:
+        """`analyze()` of every frame; the faces of all frames go through the prior network in
+        one batch (a video's frames cost one prior pass, not one per frame)."""
+        found = [self._find(rgb, aligned) for rgb in frames]
+        crops = [self._prior_crop(rgb, face) for rgb, faces in zip(frames, found) for face in faces]
+        if crops:
+            probs, embeddings = self.prior.predict(crops)
+            scored = iter(zip(probs, embeddings))
+            for faces in found:
+                for face, (p, e) in zip(faces, scored):
+                    face.prior = dict(zip(self.prior.labels, (float(v) for v in p)))
+                    face.embedding = e
+        if self.attributes:
+            for rgb, faces in zip(frames, found):
+                if faces:
+                    # The age/gender networks align from the image and the box themselves
+                    # (dlib's 5-point chips); FairFace takes our aligned crops.
+                    for face, attrs in zip(faces, self.attributes.predict_faces(rgb, faces)):
+                        face.attributes = attrs
+        return found
+
+    def _find(self, rgb: np.ndarray, aligned: bool) -> FaceList:
+        """The faces of one image, detected (or the whole crop) and aligned; no networks yet."""
         h, w = rgb.shape[:2]
         if aligned:
             faces, notes, found = [self._crop_face(rgb)], [], 1
@@ -461,22 +486,7 @@ class FaceAnalyzer:
             faces = faces[: self.config.max_faces]
             if found > len(faces):
                 notes.append(f"{len(faces)} of {found} faces shown, largest first")
-        faces = FaceList(faces, found=found, notes=notes)
-        if not faces:
-            return faces
-        probs, embeddings = self.prior.predict([self._prior_crop(rgb, f) for f in faces])
-        for face, p, e in zip(faces, probs, embeddings):
-            face.prior = dict(zip(self.prior.labels, (float(v) for v in p)))
-            face.embedding = e
-        if self.attributes:
-            # The age/gender networks align from the image and the box themselves (dlib's
-            # 5-point chips); FairFace takes our aligned crops.
-            for face, attrs in zip(faces, self.attributes.predict_faces(rgb, faces)):
-                face.attributes = attrs
-        return faces
-
-    def analyze_frames(self, frames: list[np.ndarray], aligned: bool = False) -> list[FaceList]:
-        return [self.analyze(frame, aligned=aligned) for frame in frames]
+        return FaceList(faces, found=found, notes=notes)
 
     def _crop_face(self, rgb: np.ndarray) -> Face:
         """The whole crop as one face: ONet's landmarks and score, aligned as usual."""

@@ -3,7 +3,8 @@
     Dataset 1─* Sample 1─* Suggestion        machine text, never edited
                        1─* Response 1─* ResponseHistory, Review     one annotator's correction
     User, Claim (queue leases), ExportSnapshot, FinetuneJob, ModelVersion, Preference, ExplainCache,
-    GeminiBatch (a Gemini Batch API job: its id, state, requests and what it cost)
+    GeminiBatch (a Gemini Batch API job: its id, state, requests and what it cost),
+    Job (import / generate / evaluate / export run as a subprocess, annotation/jobs.py)
 
 Schema changes go through Alembic (db/migrations); `db.session.init_db()` upgrades on start.
 """
@@ -170,6 +171,24 @@ class FinetuneJob(Base):
     out_dir: Mapped[str | None] = mapped_column(Text)
     config: Mapped[dict] = mapped_column(JSON, default=dict)
     metrics: Mapped[dict] = mapped_column(JSON, default=dict)
+    error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class Job(Base):
+    """A long job other than fine-tuning (annotation/jobs.py): import, generate, evaluate,
+    export. Its subprocess writes JSONL progress to `log_path`; `result` is the final summary."""
+    __tablename__ = "jobs"
+    __table_args__ = (Index("ix_jobs_status", "status"),)
+    id: Mapped[int] = mapped_column(primary_key=True)
+    kind: Mapped[str] = mapped_column(String(16))                  # import|generate|evaluate|export
+    args: Mapped[dict] = mapped_column(JSON, default=dict)
+    status: Mapped[str] = mapped_column(String(16), default="queued")  # queued|running|done|failed|cancelled
+    pid: Mapped[int | None] = mapped_column(Integer)
+    log_path: Mapped[str | None] = mapped_column(Text)
+    result: Mapped[dict | None] = mapped_column(JSON)
     error: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))

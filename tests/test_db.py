@@ -20,7 +20,7 @@ from db.session import (alembic_config, backup, database_url, dispose_engine, ge
 # Each test that uses db_url runs on SQLite and on a real PostgreSQL (tests/conftest.py), but
 # for the ones marked store_backends("sqlite"): SQLite's settings and its backup.
 STORE_BACKENDS = ("sqlite", "postgresql")
-HEAD = "0004"
+HEAD = "0005"
 
 
 def test_migrations_upgrade_from_empty_and_downgrade_one_step(tmp_path):

@@ -262,3 +262,123 @@ def test_close_fails_waiting_requests_and_refuses_new_ones(tiny_checkpoint, file
     assert engine.health()["in_flight"] == 0
     with pytest.raises(UserError, match="shut down"):
         engine.predict(files["face"])
+
+
+def _vit_prior(folder):
+    """A tiny transformers expression classifier: a prior network other than mini-Xception,
+    with a 32-wide embedding (mini-Xception's is 128)."""
+    from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor
+
+    labels = ["Angry", "Disgust", "Fear", "Happy", "Sad", "Surprise", "Neutral"]
+    config = ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=1,
+                       num_attention_heads=2, intermediate_size=64,
+                       id2label=dict(enumerate(labels)), label2id={l: i for i, l in enumerate(labels)})
+    ViTForImageClassification(config).save_pretrained(folder)
+    ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(folder)
+    return str(folder)
+
+
+def test_serving_and_swap_name_the_version_without_parsing(tiny_checkpoint, files, tmp_path):  # noqa: F811
+    engine = Engine(None, EngineConfig(num_frames=2, max_new_tokens=2))
+    try:
+        assert engine.serving.name == "prior-only" and engine.serving.mode == "prior-only"
+        serving = engine.swap(str(tiny_checkpoint), name="v1")
+        assert serving == engine.serving and serving.name == "v1" and serving.folder == str(tiny_checkpoint)
+        assert serving.mode == "tiny-test-fixture"
+        assert engine.predict(files["face"])["model_version"] == "tiny-test-fixture:v1"
+        with pytest.raises(UserError):
+            engine.swap(str(tmp_path / "missing"), name="v2")
+        assert engine.serving == serving  # a failed swap changes nothing
+        assert engine.load_version(str(tiny_checkpoint), name="v1b").name == "v1b"  # the old name
+    finally:
+        engine.close()
+
+
+def test_requests_run_on_the_version_and_analyser_they_were_prepared_for(tiny_checkpoint, files, tmp_path):  # noqa: F811
+    """Swaps between two versions with different bases and prior networks while requests are in
+    flight: each request answers from the version it was submitted to, as that version alone."""
+    other = build_tiny(tmp_path / "vb", seed=1, version="vb", prior=_vit_prior(tmp_path / "prior"),
+                       prior_dim=32)
+    engine = Engine(str(tiny_checkpoint), EngineConfig(max_batch=8, batch_window_ms=200, num_frames=2,
+                                                       max_new_tokens=4))
+    kinds = ("face", "video", "empty")
+    try:
+        first_prior = engine.info["face_pipeline"]["prior"]
+        solo = {"tiny-base": {kind: engine.predict(files[kind]) for kind in kinds}}
+        engine.swap(str(other))
+        assert engine.info["face_pipeline"]["prior"] != first_prior  # its own prior network
+        solo["vb"] = {kind: engine.predict(files[kind]) for kind in kinds}
+        engine.swap(str(tiny_checkpoint))
+        assert engine.serving.name == "tiny-base"
+        # Requests submitted to one version, then a swap before they have run, three times over.
+        expected, streams = [], []
+        for target, version in ((str(other), "tiny-base"), (str(tiny_checkpoint), "vb"),
+                                (str(other), "tiny-base")):
+            for kind in kinds * 2:
+                streams.append(engine.stream(files[kind]))
+                expected.append((version, kind))
+            engine.swap(target)
+        results = [next(e for e in s if e["event"] == "done")["result"] for s in streams]
+    finally:
+        engine.close()
+    for (version, kind), result in zip(expected, results):
+        want = solo[version][kind]
+        assert result["model_version"] == f"tiny-test-fixture:{version}"
+        assert [f["prior"].keys() for f in result["faces"]] == [f["prior"].keys() for f in want["faces"]]
+        for got, face in zip(result["faces"], want["faces"]):
+            assert got["prior"] == pytest.approx(face["prior"], abs=1e-5)
+        assert list(result["scores"].values()) == pytest.approx(list(want["scores"].values()), abs=1e-5)
+        assert result["explanation"] == want["explanation"]
+
+
+def test_one_vision_pass_per_request_shared_by_scoring_and_generation(engine, files):
+    """An image with one face: its frame and face go through the vision tower once (2 images in
+    1 pass), not once for scoring and again for generation; a 4-frame video: 1 pass."""
+    model = engine._model
+    expected = engine.predict(files["face"])
+    passes: list[int] = []
+    handle = model.vision.embeddings.register_forward_hook(
+        lambda module, args, out: passes.append(int(args[0].shape[0])))
+    try:
+        result = engine.predict(files["face"], explain=True)
+        assert passes == [1 + len(result["faces"])] == [2]
+        passes.clear()
+        video = engine.predict(files["video"], explain=True)
+        faced_frames = len({f["frame"] for f in video["faces"]})
+        assert passes == [4 + faced_frames]
+    finally:
+        handle.remove()
+    assert list(result["scores"].values()) == pytest.approx(list(expected["scores"].values()), abs=1e-5)
+    assert result["explanation"] == expected["explanation"]
+
+
+def test_the_frames_of_a_video_share_one_prior_pass(engine):
+    """FaceAnalyzer.analyze_frames: every frame's faces through the prior network in one batch,
+    with what analysing each frame alone gives."""
+    frames = face_frames(4)
+    analyzer = engine.faces
+    alone = [analyzer.analyze(frame) for frame in frames]
+    passes: list[int] = []
+    handle = analyzer.prior.model.register_forward_hook(lambda module, args, out: passes.append(len(args[0])))
+    try:
+        together = analyzer.analyze_frames(frames)
+    finally:
+        handle.remove()
+    assert passes == [sum(len(fs) for fs in alone)] and passes[0] >= 4
+    for one, many in zip(alone, together):
+        assert [f.box for f in one] == [f.box for f in many] and one.notes == many.notes
+        for a, b in zip(one, many):
+            assert b.prior == pytest.approx(a.prior, abs=1e-5)
+            assert b.embedding == pytest.approx(a.embedding, abs=1e-5)
+
+
+def test_the_analysis_event_carries_the_sampled_frames(engine, files):
+    """The frames the boxes refer to come with the events: the UI draws without decoding again."""
+    from core.media import load_media
+
+    events = list(engine.stream(files["video"], explain=False))
+    analysis, done = events[0], events[-1]
+    decoded = load_media(str(files["video"]), num_frames=4).frames
+    assert len(analysis["frames"]) == len(decoded) == 4 and done["frames"] is analysis["frames"]
+    assert all((a == b).all() for a, b in zip(analysis["frames"], decoded))
+    assert max(f["frame"] for f in done["result"]["faces"]) < len(done["frames"])

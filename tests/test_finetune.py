@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 import time
 
 import numpy as np
@@ -89,8 +90,11 @@ def test_finetune_improves_survives_a_kill_publishes_and_is_served(store, tiny_c
     snapshot = colour_dataset(root, url, "colours")
     engine = Engine(str(tiny_checkpoint), EngineConfig(num_frames=1, max_new_tokens=4))
     set_shared_engine(engine)
+    watching = threading.Event()
     try:
-        job = finetune.start_job(snapshot, options=OPTIONS, url=url)
+        # Without the feature cache: cached epochs run so fast that the kill below would land
+        # past the last checkpoint (the cache's own equality test is in test_model_training.py).
+        job = finetune.start_job(snapshot, options={**OPTIONS, "feature_cache": False}, url=url)
         with pytest.raises(UserError, match="one job trains at a time"):
             finetune.start_job(snapshot, options=OPTIONS, url=url)
         # Kill the trainer (no clean stop) a step after its first checkpoint ...
@@ -99,16 +103,19 @@ def test_finetune_improves_survives_a_kill_publishes_and_is_served(store, tiny_c
         dead = wait_for(job, url, lambda s, ev: s["status"] != "running")
         assert dead["status"] == "failed" and "ended without finishing" in dead["error"]
         before_kill = finetune.read_events(job, url=url)
-        checkpoint = max(e["step"] for e in before_kill if e["event"] == "checkpoint")
-        lost = {e["step"]: e["loss"] for e in before_kill if e["event"] == "step" and e["step"] > checkpoint}
-        assert lost, "the kill came before any step past the checkpoint"
-        # ... then resume: it continues from that checkpoint, with the same data and state.
+        logged = max(e["step"] for e in before_kill if e["event"] == "checkpoint")
+        # ... then resume: it continues from the newest checkpoint, with the same data and state.
         finetune.resume_job(job, url)
         done = wait_for(job, url, finished)
         events = finetune.read_events(job, url=url)
         assert done["status"] == "succeeded", done
         starts = [e for e in events if e["event"] == "start"]
-        assert len(starts) == 2 and starts[1]["resumed_from"] == checkpoint
+        # The checkpoint's pointer switches before its log line: a kill between the two resumes
+        # from the newer checkpoint than the log names (one interval later), never an older one.
+        checkpoint = starts[1]["resumed_from"]
+        assert len(starts) == 2 and checkpoint in (logged, logged + OPTIONS["checkpoint_every"])
+        lost = {e["step"]: e["loss"] for e in before_kill if e["event"] == "step" and e["step"] > checkpoint}
+        assert lost, "the kill came before any step past the checkpoint"
         again = [e for e in events[len(before_kill):] if e["event"] == "step"]
         assert again[0]["step"] == checkpoint + 1 and again[-1]["step"] == starts[0]["total_steps"]
         for e in again:  # the lost steps done over: same weights, batches and RNG, same losses
@@ -124,12 +131,20 @@ def test_finetune_improves_survives_a_kill_publishes_and_is_served(store, tiny_c
         assert serving_version(url)["name"] == done["version"]
         assert (root / "data" / "models" / done["version"] / "adapter").is_dir()
         assert not list((root / "data" / "models").glob(".tmp-*"))
-        # The app process noticed the published version and hot-swapped its engine; a rollback
-        # swaps it back.
+        # Reading the job's status changed nothing; the app process's registry watcher notices
+        # the published version and hot-swaps its engine; a rollback swaps it back.
+        assert engine.serving.name == "tiny-base"
+        from webapp.app import follow_registry
+
+        follow_registry("base", interval_s=0.1, stop=watching)
+        deadline = time.time() + 60
+        while engine.serving.name != done["version"] and time.time() < deadline:
+            time.sleep(0.1)
         assert engine.info["model_version"] == f"tiny-test-fixture:{done['version']}"
         rollback("base", url=url)
         assert engine.info["model_version"] == "tiny-test-fixture:base"
     finally:
+        watching.set()
         set_shared_engine(None)
         engine.close()
 
@@ -266,3 +281,24 @@ def test_jobs_whose_process_is_gone_are_settled_from_their_log(store):
     assert f"--resume {ids[1]}" in settled[ids[1]]["error"]
     assert settled[ids[2]]["status"] == "failed"
     assert finetune.recover_jobs(url) == []      # nothing is left queued or running
+
+
+def test_feature_cache_and_loader_workers_train_exactly_as_the_plain_path(store):
+    """The feature cache (prepared samples + frozen vision features kept from epoch 1) and
+    DataLoader workers change where the work happens, not what is learnt: the same losses step
+    for step as a job that prepares everything in the trainer every epoch."""
+    root, url = store
+    snapshot = colour_dataset(root, url, "colours")
+    options = {**OPTIONS, "epochs": 2, "checkpoint_every": 1000}
+    runs = {}
+    for name, extra in (("cached", {}), ("plain", {"feature_cache": False, "num_workers": 2})):
+        job = finetune.start_job(snapshot, from_version="base", options={**options, **extra, "name": name}, url=url)
+        assert wait_for(job, url, finished)["status"] == "succeeded"
+        events = finetune.read_events(job, url=url)
+        runs[name] = [e for e in events if e["event"] == "step"]
+        samples = next(e for e in events if e["event"] == "start")["samples"]
+    assert [e["loss"] for e in runs["cached"]] == [e["loss"] for e in runs["plain"]]
+    assert {e["epoch"] for e in runs["cached"]} == {0, 1}
+    # Every train sample is cached during epoch 1, so epoch 2 prepares nothing.
+    assert all(e["cached_samples"] == samples for e in runs["cached"] if e["epoch"] == 1)
+    assert {e["cached_samples"] for e in runs["plain"]} == {0}

@@ -431,3 +431,45 @@ def test_build_model_and_predict_from_the_command_line(tmp_path, capsys):
     assert main(["predict", str(photo), "--model", str(tmp_path / "nope"), "--json"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error:") and err.count("\n") == 1
+
+
+def _count_vision_rows(model: EmoLlama) -> tuple[list[int], object]:
+    """A forward hook on the vision tower's embeddings (every tower runs them once per pass, the
+    EVA path included): the number of images in each pass."""
+    passes: list[int] = []
+    handle = model.vision.embeddings.register_forward_hook(
+        lambda module, args, kwargs_or_out, *rest: passes.append(int(args[0].shape[0])))
+    return passes, handle
+
+
+def test_prompts_prepared_from_one_media_share_one_vision_pass(model):
+    """Prepare once: the category prompt and the conversation prompt of one request reuse one
+    image-processor pass and one vision pass, with the answers of preparing them apart."""
+    frames = [face_photo()]
+    faces = [shared_analyzer().analyze(frames[0])]
+    scoring_q = category_question(model.config.label_set, "image", model.config)
+    apart = [model.prepare(frames, faces, scoring_q), model.prepare(frames, faces, QUESTION)]
+    media = model.prepare_media(frames, faces)
+    shared = [model.prepare(media, faces, scoring_q), model.prepare(media, faces, QUESTION)]
+    assert shared[0].pixel_values is shared[1].pixel_values  # one image-processor pass
+    assert torch.equal(shared[0].pixel_values, apart[0].pixel_values)
+    passes, handle = _count_vision_rows(model)
+    try:
+        expected_scores = model.score_labels([apart[0]], model.config.label_set)[0]
+        expected_text = model.generate([apart[1]], max_new_tokens=6)[0]
+        assert passes == [2, 2]  # before: frame + face, through the tower once per prompt
+        passes.clear()
+        scores = model.score_labels([shared[0]], model.config.label_set)[0]
+        text = model.generate([shared[1]], max_new_tokens=6)[0]
+        assert passes == [2]  # after: frame + face, once for the whole request
+    finally:
+        handle.remove()
+    assert list(scores.values()) == pytest.approx(list(expected_scores.values()), abs=1e-5)
+    assert text == expected_text
+    media.forget_features()
+    passes, handle = _count_vision_rows(model)
+    try:
+        model.score_labels([shared[0]], model.config.label_set)
+    finally:
+        handle.remove()
+    assert passes == [2]  # forgotten features are computed again, not served stale

@@ -100,3 +100,54 @@ def test_face_info_mining_learns_from_its_clues_alone(tiny_checkpoint, clue):  #
     scores = model.score_labels(held_out, labels)
     assert [max(s, key=s.get) for s in scores] == truth
     assert np.mean([s[t] for s, t in zip(scores, truth)]) > np.mean([s[t] for s, t in zip(before, truth)])
+
+
+def test_a_step_on_cached_frozen_features_equals_a_fresh_one(tiny_checkpoint):  # noqa: F811
+    """The trainer's feature cache (annotation/train.py): a micro-batch whose frozen vision
+    features were computed once (each sample alone, kept on CPU) gives the loss and gradients of
+    the plain forward, with no vision-tower pass at all."""
+    from annotation.train import FeatureCache, frozen_features, with_media
+
+    rng = np.random.default_rng(2)
+    labels = list(COLOURS)
+    model = EmoLlama.from_pretrained(tiny_checkpoint, trainable=True).eval()  # eval: no dropout draws
+    question = category_question(labels)
+    face = toy_face("sadness", "local", rng)
+    frames = [[toy_image(name, rng)] for name in labels]
+    faces = [[[]], [[face]], [[]]]
+
+    def fresh():
+        return [model.prepare(f, fs, question) for f, fs in zip(frames, faces)]
+
+    def loss_and_grads(inputs):
+        model.zero_grad()
+        loss = model(inputs, labels)
+        loss.backward()
+        return loss.item(), [p.grad.clone() for p in model.parameters() if p.requires_grad and p.grad is not None]
+
+    plain_loss, plain_grads = loss_and_grads(fresh())
+    cache = FeatureCache()
+    for i, x in enumerate(fresh()):
+        cache.put(str(i), (with_media(x), labels[i]), *frozen_features(model, x))
+    assert len(cache.entries) == 3 and cache.bytes > 0
+    cached = []
+    for i in range(3):
+        (x, _), frame_features, face_features = cache.get(str(i))
+        assert frame_features.device.type == "cpu" and face_features.shape[0] == (i == 1)
+        x.media.keep_features(model.vision, model.dtype, frame_features.to(model.device),
+                              face_features.to(model.device))
+        cached.append(x)
+    calls = []
+    hook = model.vision.register_forward_hook(lambda *_: calls.append(1))
+    try:
+        cached_loss, cached_grads = loss_and_grads(cached)
+    finally:
+        hook.remove()
+    assert calls == []
+    assert abs(cached_loss - plain_loss) < 1e-5
+    assert len(cached_grads) == len(plain_grads)
+    for a, b in zip(cached_grads, plain_grads):
+        assert torch.allclose(a, b, atol=1e-5)
+    for full in (FeatureCache(budget_mb=0), FeatureCache(enabled=False)):  # past the budget, or off
+        full.put("x", (cached[0], "a"), *frozen_features(model, cached[0]))
+        assert "x" not in full and full.bytes == 0

@@ -234,3 +234,28 @@ def test_tiny_finetune_runs_to_the_end(page, studio):  # noqa: F811
     expect(page.locator("#finetune-curve").locator("canvas, svg").first).to_be_visible()
     expect(page.locator("#finetune-confusion img")).to_be_visible()
     screenshot(page, "finetune")
+
+
+def test_an_import_job_survives_a_page_reload(page, studio):  # noqa: F811
+    from playwright.sync_api import expect
+
+    from tests.media_files import face_photo, write_image
+
+    folder = studio.root / "data" / "imports" / "reloaded"
+    for i in range(6):
+        (folder / ["happy", "sad"][i % 2]).mkdir(parents=True, exist_ok=True)
+        write_image(folder / ["happy", "sad"][i % 2] / f"{i}.png", face_photo()[:300, 100 + i:400 + i])
+    sign_in(page, "ada")
+    open_tab(page, "Jobs")
+    page.locator("#jobs-import-path input, #jobs-import-path textarea").first.fill(str(folder))
+    page.locator("#jobs-import-name input, #jobs-import-name textarea").first.fill("reloaded")
+    page.locator("#jobs-start-import").click()
+    expect(page.locator("#jobs-followed")).to_contain_text("import")
+    page.reload()   # the job goes on in its own process; the tab reads it back from the store
+    # The session token lives in the browser's storage: the reloaded page is still signed in.
+    expect(page.locator("#login-status")).to_contain_text("Signed in as ada")
+    open_tab(page, "Jobs")
+    table = page.locator("#jobs-table")
+    expect(table).to_contain_text("reloaded")
+    expect(table).to_contain_text("6 added", timeout=120_000)
+    screenshot(page, "jobs")

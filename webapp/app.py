@@ -4,7 +4,7 @@
     python app.py serve --port 7861 --model runs/v3
 
 Tabs: Image, Video, Compare (public); Annotate (annotator+, reviewer+ for reviews); Data and
-Fine-tune (admin); Users (own password for everyone signed in, user management for admins). Gradio 6 takes theme, CSS and JS at `launch()`; the HTTP API lives under
+Fine-tune and Jobs (admin); Users (own password for everyone signed in, user management for admins). Gradio 6 takes theme, CSS and JS at `launch()`; the HTTP API lives under
 /gradio_api, and the public endpoints are /predict_image, /predict_video and /gemini_explain.
 """
 from __future__ import annotations
@@ -36,6 +36,7 @@ def build_app() -> gr.Blocks:
     from webapp.components.data import create_data_tab
     from webapp.components.finetune import create_finetune_tab
     from webapp.components.image import create_image_tab
+    from webapp.components.jobs import create_jobs_tab
     from webapp.components.login import (browser_state, create_login_bar, hf_oauth_enabled,
                                          hf_session)
     from webapp.components.status import create_status_panel, make_access_refresher
@@ -63,13 +64,15 @@ def build_app() -> gr.Blocks:
                 data = create_data_tab(token)
             with gr.Tab("Fine-tune", id="finetune") as finetune_tab:
                 finetune = create_finetune_tab(token, banner)
+            with gr.Tab("Jobs", id="jobs") as jobs_tab:
+                jobs = create_jobs_tab(token)
             with gr.Tab("Users", id="users") as users_tab:
                 users = create_users_tab(token)
         status = create_status_panel(token)
 
         # Who is signed in decides which panels open; every handler checks again itself.
         gates = [*login["gates"], *compare["gates"], *annotate["gates"], *data["gates"],
-                 *finetune["gates"], *users["gates"], *status["gates"]]
+                 *finetune["gates"], *jobs["gates"], *users["gates"], *status["gates"]]
         access = dict(fn=make_access_refresher(gates), inputs=token,
                       outputs=[login["status"], banner, *[g[0] for g in gates]],
                       api_visibility="private")
@@ -79,6 +82,7 @@ def build_app() -> gr.Blocks:
         on_load, on_change = demo.load(**access), token.change(**access)
         # The Compare tab's Blind A/B button follows the serving model (a swap may change it).
         for tab, (fill_fn, fill_outputs) in ((finetune_tab, finetune["on_access"]),
+                                             (jobs_tab, jobs["on_access"]),
                                              (users_tab, users["on_access"]),
                                              (compare_tab, compare["on_access"])):
             fill = dict(fn=fill_fn, inputs=token, outputs=fill_outputs, api_visibility="private")
@@ -149,13 +153,16 @@ def _registry_serving() -> str | None:
     return version["name"] if version else None
 
 
-def follow_registry(started_with: str | None, interval_s: float = 2.0) -> threading.Thread | None:
+def follow_registry(started_with: str | None, interval_s: float = 2.0,
+                    stop: threading.Event | None = None) -> threading.Thread | None:
     """A daemon thread that swaps the engine to the registry's serving version when it changes.
 
     `started_with`: the serving version when the process started. With an explicit `--model`
     the start-up model serves until the registry changes; from then on the registry decides.
     A version that fails to load is logged once and the engine keeps serving (and naming) the
-    version it had; it is tried again only when the registry changes again.
+    version it had; it is tried again only when the registry changes again. This is the one
+    path by which a publish made elsewhere (a fine-tune job, the CLI) reaches this process:
+    reading a job's status changes nothing. `stop` (set it) ends the watcher.
     """
     if interval_s <= 0:
         return None
@@ -164,10 +171,11 @@ def follow_registry(started_with: str | None, interval_s: float = 2.0) -> thread
     except ModuleNotFoundError:
         return None
 
+    stop = stop or threading.Event()
+
     def loop() -> None:
         seen = started_with
-        while True:
-            time.sleep(interval_s)
+        while not stop.wait(interval_s):
             try:
                 version = serving_version()
                 if version is None or version["name"] == seen:
@@ -177,7 +185,7 @@ def follow_registry(started_with: str | None, interval_s: float = 2.0) -> thread
                 log.info("the registry now serves %s: the engine follows", version["name"])
             except (UserError, OSError) as exc:
                 log.warning("cannot serve %s, which the registry names: %s; still serving %s",
-                            seen, exc, engine().info["model_version"])
+                            seen, exc, engine().serving.name)
             except Exception:  # a database hiccup must not end the watcher
                 log.exception("following the model registry failed; will try again")
 
@@ -275,6 +283,9 @@ def _restore_training_state(serve_published: bool) -> None:
             raise  # a real missing dependency, not the fine-tune part left out
         return
     recover_jobs()
+    from annotation.jobs import recover_jobs as recover_other_jobs
+
+    recover_other_jobs()  # imports, evaluations, exports a crash left "running"
     version = serving_version() if serve_published else None
     if version is not None:
         engine()  # activate_in_engine swaps the running engine; start it first

@@ -61,6 +61,45 @@ class EmoInput:
     face_pixels: torch.Tensor | None       # (N, 3, H, W) aligned faces, one per frame with a face
     face_landmarks: torch.Tensor | None    # (N, 5, 2) in aligned-crop pixels
     prior_embeddings: torch.Tensor | None  # (N, prior_dim)
+    # The request's media as prepared once (prepare_media): prompts built from the same
+    # PreparedMedia share it, so the vision tower runs once for all of them (encode_media).
+    media: "PreparedMedia | None" = None
+
+
+class PreparedMedia:
+    """One request's frames and faces, through the image processor once; the vision tower's
+    features are kept here the first time a prompt needs them, so the category prompt and the
+    conversation prompt of one request cost one vision pass between them.
+
+    `len()` is the frame count, so it reads like the frame list it replaces in `prepare()`.
+    """
+
+    def __init__(self, kind: str, pixel_values: torch.Tensor, face_pixels: torch.Tensor | None,
+                 face_landmarks: torch.Tensor | None, prior_embeddings: torch.Tensor | None,
+                 attributes=None):
+        self.kind, self.pixel_values, self.face_pixels = kind, pixel_values, face_pixels
+        self.face_landmarks, self.prior_embeddings, self.attributes = face_landmarks, prior_embeddings, attributes
+        self._features: tuple | None = None  # (vision module, dtype, frame features, face features)
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return self.pixel_values.shape[0]
+
+    def cached_features(self, vision: nn.Module, dtype: torch.dtype) -> tuple | None:
+        with self._lock:
+            if self._features is not None and self._features[0] is vision and self._features[1] == dtype:
+                return self._features[2:]
+            return None
+
+    def keep_features(self, vision: nn.Module, dtype: torch.dtype, frames: torch.Tensor,
+                      faces: torch.Tensor) -> None:
+        with self._lock:
+            self._features = (vision, dtype, frames, faces)
+
+    def forget_features(self) -> None:
+        """Free the cached features (device memory) once the request is answered."""
+        with self._lock:
+            self._features = None
 
 
 QUANTIZATION_MODES = ("8bit", "4bit")
@@ -161,14 +200,12 @@ class EmoLlama(nn.Module):
                              f"expects {self.config.prior_dim} (prior network {self.config.prior!r})")
         return embedding
 
-    def prepare(self, frames: list[np.ndarray], faces: list[list], question: str) -> EmoInput:
-        """Frames (RGB uint8) + per-frame faces (core.faces.Face, largest first) + question.
+    def prepare_media(self, frames: list[np.ndarray], faces: list[list]) -> PreparedMedia:
+        """Frames (RGB uint8) + per-frame faces (core.faces.Face, largest first), through the
+        image processor once; pass the result to `prepare()` as its frames, once per question.
 
-        For a single image, `faces` may also be that image's list of faces. The prompt follows
-        the checkpoint's conversation template (core/model/templates.py), BOS first when it says so.
+        For a single image, `faces` may also be that image's list of faces.
         """
-        from core.model.templates import bos_ids, model_template
-
         if not frames:
             raise ValueError("prepare() needs at least one frame")
         if len(frames) == 1 and faces and hasattr(faces[0], "aligned"):
@@ -179,18 +216,33 @@ class EmoLlama(nn.Module):
         main_faces = [fs[0] for fs in faces if fs]
         attributes = (next((f.attributes for f in main_faces if f.attributes is not None), None)
                       if self.config.use_agr else None)
-        template = model_template(self)
-        before, after = split_prompt(template, question, attributes)
         face_pixels = landmarks = priors = None
         if main_faces and self.config.use_fim:
             face_pixels = self._pixels([f.aligned for f in main_faces])
             landmarks = torch.tensor(np.stack([f.aligned_landmarks for f in main_faces]), dtype=torch.float32)
             priors = torch.from_numpy(np.stack([self._prior_vector(f) for f in main_faces]))
-        return EmoInput(kind="image" if len(frames) == 1 else "video",
-                        pixel_values=self._pixels(frames),
+        return PreparedMedia("image" if len(frames) == 1 else "video", self._pixels(frames),
+                             face_pixels, landmarks, priors, attributes)
+
+    def prepare(self, frames: "list[np.ndarray] | PreparedMedia", faces: list[list],
+                question: str) -> EmoInput:
+        """Frames (RGB uint8) + per-frame faces (core.faces.Face, largest first) + question.
+
+        For a single image, `faces` may also be that image's list of faces. `frames` may be
+        `prepare_media()`'s result (then `faces` is not read again): every prompt prepared from
+        it shares one image-processor pass and one vision pass. The prompt follows the
+        checkpoint's conversation template (core/model/templates.py), BOS first when it says so.
+        """
+        from core.model.templates import bos_ids, model_template
+
+        media = frames if isinstance(frames, PreparedMedia) else self.prepare_media(frames, faces)
+        template = model_template(self)
+        before, after = split_prompt(template, question, media.attributes)
+        return EmoInput(kind=media.kind, pixel_values=media.pixel_values,
                         before_ids=bos_ids(template, self.tokenizer) + self._ids(before),
                         after_ids=self._ids(after), question_ids=self._qformer_ids(question),
-                        face_pixels=face_pixels, face_landmarks=landmarks, prior_embeddings=priors)
+                        face_pixels=media.face_pixels, face_landmarks=media.face_landmarks,
+                        prior_embeddings=media.prior_embeddings, media=media)
 
     # ------------------------------------------------------------------ embeddings
     def _embed_ids(self, ids: list[int]) -> torch.Tensor:
@@ -205,12 +257,7 @@ class EmoLlama(nn.Module):
         """
         frame_counts = [x.pixel_values.shape[0] for x in batch]
         face_counts = [0 if x.face_pixels is None else x.face_pixels.shape[0] for x in batch]
-        pixels = torch.cat([x.pixel_values for x in batch]
-                           + [x.face_pixels for x in batch if x.face_pixels is not None])
-        with torch.no_grad():
-            features = encoder_features(self.vision, pixels.to(self.device, self.dtype),
-                                        self.config.vision_select_layer)
-        frame_features, face_features = features.split([sum(frame_counts), sum(face_counts)])
+        frame_features, face_features = self._vision_features(batch)
         face_patches = patch_grid(face_features)
 
         pad = self.qformer_tokenizer.pad_token_id or 0
@@ -235,6 +282,42 @@ class EmoLlama(nn.Module):
                                 x.face_landmarks.to(self.device))  # pixel positions stay float32
                 media[-1] = torch.cat([media[-1], face])
         return media
+
+    def _vision_features(self, batch: list[EmoInput]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(all frames' features, all faces' features) of the batch, in batch order.
+
+        The vision tower is frozen, so its features of a request's pixels never change: inputs
+        prepared from one PreparedMedia reuse what the first of them computed, and every
+        PreparedMedia seen for the first time goes through the tower in one pass with the rest.
+        """
+        fresh: dict[int, PreparedMedia | EmoInput] = {}  # id -> owner of pixels to run now
+        known: dict[int, tuple] = {}
+        for x in batch:
+            owner = x.media if x.media is not None else x
+            key = id(owner)
+            if key in fresh or key in known:
+                continue
+            cached = x.media.cached_features(self.vision, self.dtype) if x.media is not None else None
+            if cached is not None:
+                known[key] = cached
+            else:
+                fresh[key] = owner
+        if fresh:
+            owners = list(fresh.values())
+            frames = [o.pixel_values.shape[0] for o in owners]
+            faces = [0 if o.face_pixels is None else o.face_pixels.shape[0] for o in owners]
+            pixels = torch.cat([o.pixel_values for o in owners]
+                               + [o.face_pixels for o in owners if o.face_pixels is not None])
+            with torch.no_grad():
+                features = encoder_features(self.vision, pixels.to(self.device, self.dtype),
+                                            self.config.vision_select_layer)
+            frame_part, face_part = features.split([sum(frames), sum(faces)])
+            for key, owner, fr, fa in zip(fresh, owners, frame_part.split(frames), face_part.split(faces)):
+                known[key] = (fr, fa)
+                if isinstance(owner, PreparedMedia):
+                    owner.keep_features(self.vision, self.dtype, fr, fa)
+        parts = [known[id(x.media if x.media is not None else x)] for x in batch]
+        return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
     def media_embeddings(self, x: EmoInput) -> torch.Tensor:
         """(frames x (1 + content_tokens) + K, D) LLM-space tokens for one request's media."""

@@ -1,4 +1,6 @@
 """The Data tab (admin): import a dataset, generate Gemini instructions, export a snapshot.
+Each runs as a job (annotation/jobs.py) in its own process; the button waits for its result
+and the Jobs tab lists it, across a reload.
 
 Each action is also an API endpoint that takes the session token first, e.g.
 
@@ -15,11 +17,12 @@ import os
 import gradio as gr
 import pandas as pd
 
-from annotation.importers import FORMATS, import_dataset
+from annotation.importers import FORMATS, check_import_path
 from core.errors import UserError
 from webapp.auth import require
 from webapp.components.common import handle_errors, server_choices
 from webapp.components.compare import NO_KEY_MESSAGE, gemini_configured
+from webapp.components.jobs import run_and_follow
 
 GEMINI_GROUP = "gemini-job"
 
@@ -31,8 +34,7 @@ def _counts_frame(counts: dict | None, key: str) -> pd.DataFrame:
 
 @handle_errors
 def import_data(token: str | None, fmt: str, path: str, name: str, split: str | None = "auto",
-                aligned: str | None = "auto",
-                progress: gr.Progress = gr.Progress(track_tqdm=True)):  # mirrors its tqdm bar
+                aligned: str | None = "auto", progress: gr.Progress = gr.Progress()):
     """/import_dataset: read a dataset folder on the server into the store (admin only).
 
     `split`: "auto" (as the layout says) or train/val/test; `aligned`: "auto" (the format's
@@ -45,20 +47,24 @@ def import_data(token: str | None, fmt: str, path: str, name: str, split: str | 
         raise UserError("Split must be auto, train, val or test.")
     if aligned not in (None, "", "auto", "yes", "no"):
         raise UserError("Face crops must be auto, yes or no.")
-    summary = import_dataset(fmt, path.strip(), (name or "").strip() or None,
-                             progress=True,  # its tqdm bar drives gr.Progress
-                             split=None if split in (None, "", "auto") else split,
-                             aligned={"yes": True, "no": False}.get(aligned or "auto"),
-                             confined=True)
-    broken = pd.DataFrame(summary.broken, columns=["row or file", "reason"])
-    lines = [f"**{html.escape(summary.dataset)}** ({summary.format}, {summary.modality}): "
-             f"{summary.added} added, {summary.skipped} already there, "
-             f"{len(summary.broken)} broken."]
+    check_import_path(path.strip(), confined=True)   # refused at once, before any process
+    # An import job: its own process does the work (and goes on if the page reloads; the Jobs
+    # tab follows it); this handler mirrors its progress and shows its summary.
+    summary = run_and_follow("import", {"fmt": fmt, "path": path.strip(),
+                                        "name": (name or "").strip() or None,
+                                        "split": None if split in (None, "", "auto") else split,
+                                        "aligned": {"yes": True, "no": False}.get(aligned or "auto"),
+                                        "confined": True}, progress)
+    broken = pd.DataFrame([(b["where"], b["reason"]) for b in summary["broken"]],
+                          columns=["row or file", "reason"])
+    lines = [f"**{html.escape(summary['dataset'])}** ({summary['format']}, {summary['modality']}): "
+             f"{summary['added']} added, {summary['skipped']} already there, "
+             f"{len(summary['broken'])} broken."]
     lines += [f"Left out: {count} × {html.escape(reason)}"
-              for reason, count in sorted(summary.excluded.items())]
-    lines += [f"Note: {html.escape(note)}" for note in summary.notes]
-    return ("\n\n".join(lines), _counts_frame(summary.by_label, "label"),
-            _counts_frame(summary.by_split, "split"), broken)
+              for reason, count in sorted(summary["excluded"].items())]
+    lines += [f"Note: {html.escape(note)}" for note in summary["notes"]]
+    return ("\n\n".join(lines), _counts_frame(summary["by_label"], "label"),
+            _counts_frame(summary["by_split"], "split"), broken)
 
 
 @handle_errors
@@ -68,15 +74,9 @@ def generate(token: str | None, dataset: str | None, limit: float | None, model:
     require(token, "admin")
     if not dataset:
         raise UserError("Choose a dataset.")
-    from annotation.gemini import run_generation
-
-    def report(done: int, total: int, summary: dict) -> None:
-        progress((done, total), unit="samples",
-                 desc=f"Gemini: {summary['ok']} ok, {summary['rejected']} rejected, "
-                      f"{summary['failed']} failed")
-
-    summary = run_generation(dataset, limit=int(limit) if limit else None,
-                             model=(model or "").strip() or None, progress=report)
+    # A generate job (its own process; listed in the Jobs tab, goes on across a reload).
+    summary = run_and_follow("generate", {"dataset": dataset, "limit": int(limit) if limit else None,
+                                          "model": (model or "").strip() or None}, progress)
     return summary_text(summary), summary
 
 
@@ -133,15 +133,14 @@ def export(token: str | None, dataset: str | None, include_suggestions: bool) ->
     require(token, "admin")
     if not dataset:
         raise UserError("Choose a dataset to export.")
-    from annotation.export import export_dataset
-
-    snap = export_dataset(dataset, include_suggestions=include_suggestions)
-    splits = ", ".join(f"{split} {n}" for split, n in snap.counts.items())
-    sources = ", ".join(f"{kind} {n}" for kind, n in snap.sources.items() if n)
-    reused = " The data had not changed: this is the existing snapshot." if snap.reused else ""
-    return (f"Snapshot **#{snap.id}** of {html.escape(snap.dataset)}: {snap.n_samples} samples "
-            f"({splits}; from {sources}), hash `{snap.content_hash[:12]}`, folder "
-            f"`{html.escape(str(snap.path))}`.{reused} Train on it in the Fine-tune tab.")
+    snap = run_and_follow("export", {"dataset": dataset,
+                                     "include_suggestions": bool(include_suggestions)})
+    splits = ", ".join(f"{split} {n}" for split, n in snap["counts"].items())
+    sources = ", ".join(f"{kind} {n}" for kind, n in snap["sources"].items() if n)
+    reused = " The data had not changed: this is the existing snapshot." if snap["reused"] else ""
+    return (f"Snapshot **#{snap['id']}** of {html.escape(snap['dataset'])}: {snap['n_samples']} "
+            f"samples ({splits}; from {sources}), hash `{snap['content_hash'][:12]}`, folder "
+            f"`{html.escape(str(snap['path']))}`.{reused} Train on it in the Fine-tune tab.")
 
 
 def create_data_tab(token: gr.BrowserState) -> dict:

@@ -277,10 +277,12 @@ def evaluate(token: str | None, version: str | None, dataset: str | None, split:
     require(token, "admin")
     if not version or not dataset:
         raise UserError("Choose a version and a dataset to evaluate on.")
-    from annotation.evaluate import evaluate_version
+    from webapp.components.jobs import run_and_follow
 
-    report = evaluate_version(version, dataset, split=split,
-                              progress=lambda done, total: progress((done, total), unit="samples"))
+    # A job process loads the model and scores; this process only follows its log (no second
+    # model beside the engine's), and the job stays listed in the Jobs tab across a reload.
+    report = run_and_follow("evaluate", {"version": version, "dataset": dataset, "split": split},
+                            progress)
     recall = pd.DataFrame([[label, "" if value is None else f"{value:.3f}"]
                            for label, value in report["per_class_recall"].items()],
                           columns=["class", "recall"])
