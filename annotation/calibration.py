@@ -144,6 +144,13 @@ def save_reliability_png(probs: np.ndarray, truth_idx: np.ndarray, path: str | P
     ax.set_ylabel("accuracy")
     ax.set_title(title, fontsize=9)
     ax.legend(loc="upper left", fontsize=8)
+    return save_figure(fig, path)
+
+
+def save_figure(fig, path: str | Path) -> Path:
+    """Write a matplotlib figure as a PNG (folders made as needed) and free it."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -28,7 +28,7 @@ from typing import Callable
 import numpy as np
 
 from annotation.calibration import (expected_calibration_error, fit_temperature, nll,  # noqa: F401
-                                    save_reliability_png, softmax)
+                                    save_figure, save_reliability_png, softmax)
 
 
 def confusion_matrix(truth: list[str], predicted: list[str], labels: list[str]) -> np.ndarray:
@@ -111,12 +111,7 @@ def save_confusion_png(matrix: np.ndarray, labels: list[str], path: str | Path, 
         for j in range(len(columns)):
             ax.text(j, i, int(matrix[i, j]), ha="center", va="center",
                     color="white" if matrix[i, j] > peak / 2 else "black", fontsize=8)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def report(truth: list[str], predicted: list[str], labels: list[str],

@@ -10,28 +10,16 @@ from __future__ import annotations
 
 import argparse
 import platform
-import statistics
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import onnxruntime  # noqa: E402
 
+from bench.faces_cost import timed  # noqa: E402  (median and p90 ms, after a warm-up)
 from core.faces import FaceConfig, shared_analyzer  # noqa: E402
 from tests.media_files import face_photo  # noqa: E402
-
-
-def timed(fn, runs: int) -> tuple[float, float]:
-    fn()  # warm-up
-    samples = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        fn()
-        samples.append((time.perf_counter() - start) * 1000)
-    samples.sort()
-    return statistics.median(samples), samples[int(0.9 * (len(samples) - 1))]
 
 
 def main() -> None:
