@@ -197,7 +197,7 @@ def evaluate_version(name_or_folder: str, dataset: str, split: str = "test", url
     from core.errors import UserError
     from core.faces import FaceConfig, shared_analyzer
     from core.media import load_media
-    from core.model.modeling import EmoLlama
+    from core.model.loading import load_model
     from core.model.recipe import category_question, conversation_question, frames
     from db.session import data_dir, session_scope
 
@@ -215,7 +215,7 @@ def evaluate_version(name_or_folder: str, dataset: str, split: str = "test", url
         raise UserError(f"{dataset} has no labelled samples in split {split!r}")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if str(device).startswith("cuda") else torch.float32
-    model = EmoLlama.from_pretrained(folder, device=device, dtype=dtype).eval()
+    model = load_model(folder, device=device, dtype=dtype)
     analyzer = shared_analyzer(FaceConfig(prior=model.config.prior))
     truth, predicted, rouge, skipped, evaluated = [], [], [], [], []
     pending: list[tuple] = []

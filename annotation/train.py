@@ -274,13 +274,13 @@ def release(batch: list[tuple]) -> None:
 
 # ====================================================================== 2. the model
 
-def load_model(folder: str | Path, bf16: bool):
+def load_trainable(folder: str | Path, bf16: bool):
     """The checkpoint with its LoRA adapter and connector modules trainable. On bf16 the frozen
     base is stored in bf16 (14 GB for a 7B LLM, not 28) and the trainable weights stay fp32:
     autocast computes in bf16 while AdamW updates full-precision master weights."""
-    from core.model.modeling import EmoLlama
+    from core.model.loading import load_model
 
-    model = EmoLlama.from_pretrained(folder, dtype=torch.bfloat16 if bf16 else torch.float32, trainable=True)
+    model = load_model(folder, dtype=torch.bfloat16 if bf16 else torch.float32, trainable=True)
     for p in model.parameters():
         if p.requires_grad:
             p.data = p.data.float()
@@ -394,7 +394,7 @@ def train_job(job_id: int, resume: bool = False, url: str | None = None) -> int:
             ds_config["train_micro_batch_size_per_gpu"] = opts.batch_size
             ds_config["gradient_accumulation_steps"] = opts.grad_accum
         torch.manual_seed(opts.seed)  # a fresh adapter starts the same whatever the number of processes
-        model = load_model(parent["folder"], bf16)
+        model = load_trainable(parent["folder"], bf16)
         checkpoint = latest_checkpoint(out_dir) if resume else None
         state = torch.load(checkpoint / "state.pt", weights_only=False) if checkpoint else None
         if state is not None:
@@ -566,7 +566,7 @@ def write_version(core, weights: dict | None, name: str, parent: dict, bf16: boo
     from annotation.versions import models_dir
 
     if weights is not None:  # the trained model holds shards: write from a plain copy
-        core = load_model(parent["folder"], bf16)
+        core = load_trainable(parent["folder"], bf16)
         core.load_state_dict(weights, strict=False)
     tmp = models_dir() / f".tmp-{name}"
     shutil.rmtree(tmp, ignore_errors=True)

@@ -4,7 +4,7 @@ checkpointing, side by side in one run.
     python bench/finetune_speed.py [--steps 10] [--batch 8] [--frames 8] [--rounds 2]
 
 Each variant runs in a fresh subprocess with the trainer's own pieces (annotation.train's
-load_model / enable_gradient_checkpointing, the model's masked-answer loss, AdamW).
+load_trainable / enable_gradient_checkpointing, the model's masked-answer loss, AdamW).
 samples/s: from the median of `--steps` optimizer steps after a warm-up step, best of `--rounds`
 alternating runs (other work on the machine only ever slows a step down). Memory: the peak RSS
 (VmHWM) reset once the model is loaded and warm, so the number is what the training steps add
@@ -50,11 +50,11 @@ def one_run(checkpoint: str, steps: int, batch: int, frames: int, gradient_check
     import numpy as np
     import torch
 
-    from annotation.train import enable_gradient_checkpointing, load_model
+    from annotation.train import enable_gradient_checkpointing, load_trainable
     from core.model.prompt import category_question
 
     torch.manual_seed(0)
-    model = load_model(checkpoint, bf16=False).train()
+    model = load_trainable(checkpoint, bf16=False).train()
     if gradient_checkpointing:
         enable_gradient_checkpointing(model)
     labels = ["happiness", "sadness", "surprise"]
@@ -87,13 +87,13 @@ def pipeline_run(checkpoint: str, media: list[str], epochs: int, batch: int, fra
     """Training samples/s per epoch through the trainer's input pipeline (see the docstring)."""
     import torch
 
-    from annotation.train import FeatureCache, load_model, micro_batch, release, sample_loader
+    from annotation.train import FeatureCache, load_trainable, micro_batch, release, sample_loader
     from core.faces import FaceConfig, shared_analyzer
     from core.media import load_media
     from core.model.prompt import category_question
 
     torch.manual_seed(0)
-    core = load_model(checkpoint, bf16=False).train()
+    core = load_trainable(checkpoint, bf16=False).train()
     analyzer = shared_analyzer(FaceConfig(prior=core.config.prior))
     labels = ["happiness", "sadness", "surprise"]
     records = [{"id": str(i), "video": path, "label": labels[i % 3]} for i, path in enumerate(media)]

@@ -153,11 +153,10 @@ class Engine:
         self.config.num_frames = recipe_frames(getattr(model, "config", None), self._frames_override)
 
     def _load(self, name_or_path: str):
-        from core.model.modeling import EmoLlama
+        from core.model.loading import load_model
 
-        model = EmoLlama.from_pretrained(name_or_path, device=self.device, dtype=self.dtype,
-                                         quantization=self.config.quantization)
-        return model.eval()
+        return load_model(name_or_path, device=self.device, dtype=self.dtype,
+                          quantization=self.config.quantization)
 
     @property
     def serving(self) -> Serving:

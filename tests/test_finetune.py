@@ -22,7 +22,7 @@ from annotation import finetune
 from annotation.evaluate import evaluate_version
 from annotation.export import export_dataset
 from annotation.importers import import_dataset
-from annotation.train import TrainingData, load_training_data, step_samples
+from annotation.train import TrainingData, latest_checkpoint, load_training_data, step_samples
 from annotation.versions import find_version, register_version, rollback, serving_version
 from core.engine import Engine, EngineConfig, set_shared_engine
 from core.errors import UserError
@@ -71,6 +71,24 @@ def wait_for(job_id: int, url: str, until, timeout: float = 240.0, poll: float =
                          f"{(finetune.job_dir(job_id) / 'process.log').read_text()[-3000:]}")
 
 
+def kill_past_a_checkpoint(job_id: int, url: str) -> None:
+    """SIGKILL the trainer at a moment when it has logged a step past its newest checkpoint
+    (a kill by the clock alone sometimes landed right after a checkpoint, leaving no lost step
+    to compare): frozen with SIGSTOP, its log and checkpoint pointer hold still to be read; if
+    it froze right on a checkpoint, it runs on a little and is frozen again."""
+    pid = finetune.job_status(job_id, url)["pid"]
+    for _ in range(200):
+        os.kill(pid, signal.SIGSTOP)
+        newest = latest_checkpoint(finetune.job_dir(job_id))
+        saved = int(newest.name.split("-")[1]) if newest else 0
+        if any(e["event"] == "step" and e["step"] > saved for e in finetune.read_events(job_id, url=url)):
+            os.kill(pid, signal.SIGKILL)  # a stopped process dies of it too
+            return
+        os.kill(pid, signal.SIGCONT)
+        time.sleep(0.02)
+    raise AssertionError("the trainer never logged a step past its newest checkpoint")
+
+
 def finished(status: dict, events: list[dict]) -> bool:
     return status["status"] in ("succeeded", "failed", "cancelled")
 
@@ -99,7 +117,7 @@ def test_finetune_improves_survives_a_kill_publishes_and_is_served(store, tiny_c
             finetune.start_job(snapshot, options=OPTIONS, url=url)
         # Kill the trainer (no clean stop) a step after its first checkpoint ...
         wait_for(job, url, lambda s, ev: any(e["event"] == "step" and e["step"] > 6 for e in ev), poll=0.05)
-        os.kill(finetune.job_status(job, url)["pid"], signal.SIGKILL)
+        kill_past_a_checkpoint(job, url)
         dead = wait_for(job, url, lambda s, ev: s["status"] != "running")
         assert dead["status"] == "failed" and "ended without finishing" in dead["error"]
         before_kill = finetune.read_events(job, url=url)
