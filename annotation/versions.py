@@ -91,7 +91,7 @@ def ensure_registered(folder: str, url: str | None = None) -> dict:
     """The version row of a checkpoint folder (or hub id), registering it under its config's
     version name: how a base checkpoint becomes the first parent."""
     from core.model.config import EmoLlamaConfig
-    from core.model.modeling import resolve_checkpoint
+    from core.model.config import resolve_checkpoint
 
     found = find_version(folder, url)
     if found:

@@ -262,20 +262,14 @@ class CropLandmarker:
 # ---------------------------------------------------------------------------------- alignment
 
 def similarity_transform(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
-    """The 2x3 similarity (rotation, uniform scale, translation) mapping src onto dst (Umeyama)."""
-    src_mean, dst_mean = src.mean(0), dst.mean(0)
-    src_c, dst_c = src - src_mean, dst - dst_mean
-    cov = dst_c.T @ src_c / len(src)
-    u, s, vt = np.linalg.svd(cov)
-    d = np.ones(2)
-    if np.linalg.det(u) * np.linalg.det(vt) < 0:
-        d[-1] = -1
-    rotation = u @ np.diag(d) @ vt
-    scale = (s * d).sum() / src_c.var(0).sum()
-    matrix = np.zeros((2, 3), dtype=np.float64)
-    matrix[:, :2] = scale * rotation
-    matrix[:, 2] = dst_mean - scale * rotation @ src_mean
-    return matrix
+    """The 2x3 similarity (rotation, uniform scale, translation) mapping src onto dst: the
+    least-squares fit of scikit-image (Umeyama's method, reflections excluded)."""
+    from skimage.transform import SimilarityTransform
+
+    fit = SimilarityTransform.from_estimate(src, dst)
+    if not fit:  # degenerate landmarks (all on one point): no transform to speak of
+        raise ValueError(f"cannot align a face on these landmarks ({fit})")
+    return fit.params[:2]
 
 
 def align_face(rgb: np.ndarray, landmarks: np.ndarray, size: int = ALIGNED_SIZE) -> np.ndarray:

@@ -7,7 +7,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from core.engine import Engine, EngineBusy, EngineConfig, RequestTimeout
-from core.errors import MediaError, UserError
+from core.errors import MediaError, ModelLoadError, UserError
 from core.model.build import build_tiny
 from tests.media_files import face_frames, face_photo, no_face_photo, write_image, write_video
 from tests.model_fixtures import tiny_checkpoint  # noqa: F401  (fixture)
@@ -190,7 +190,7 @@ def test_hot_swap_under_load_drops_nothing(tiny_checkpoint, files, tmp_path):  #
         versions = {r["model_version"] for r in results}
         assert versions <= {"tiny-test-fixture:tiny-base", "tiny-test-fixture:v2"}
         assert engine.predict(files["face"])["model_version"] == "tiny-test-fixture:v2"
-        with pytest.raises(Exception):
+        with pytest.raises(ModelLoadError, match="no such checkpoint folder"):
             engine.load_version(str(tmp_path / "missing"))
         assert engine.info["model_version"] == "tiny-test-fixture:v2"  # a failed load changes nothing
     finally:

@@ -90,3 +90,24 @@ def test_the_report_calibration_fits_on_the_calibration_split_and_says_when_it_c
     summary = _summary(result)
     assert {"ece", "ece_before_temperature", "temperature", "reliability_png"} <= set(summary)
     assert "per_class_recall" in _summary({k: v for k, v in result.items() if k != "ece"})  # older reports
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_metrics_agree_with_scikit_learn_on_random_labels(seed):
+    """Our hand-written UAR/WAR, confusion matrix and Cohen's kappa against scikit-learn's own
+    (balanced accuracy, accuracy, confusion_matrix, cohen_kappa_score) on random label lists."""
+    from sklearn import metrics
+
+    from annotation.workflow import cohen_kappa
+
+    rng = np.random.default_rng(seed)
+    labels = ["neutral", "happiness", "sadness", "surprise", "fear"]
+    truth = list(rng.choice(labels, 200, p=[0.4, 0.3, 0.15, 0.1, 0.05]))
+    predicted = [t if rng.random() < 0.6 else rng.choice(labels) for t in truth]
+    matrix = confusion_matrix(truth, predicted, labels)
+    assert (matrix == metrics.confusion_matrix(truth, predicted, labels=labels)).all()
+    assert war(matrix) == pytest.approx(metrics.accuracy_score(truth, predicted))
+    assert uar(matrix) == pytest.approx(metrics.balanced_accuracy_score(truth, predicted))
+    recall = metrics.recall_score(truth, predicted, labels=labels, average=None)
+    assert list(per_class_recall(matrix, labels).values()) == pytest.approx(list(recall))
+    assert cohen_kappa(truth, predicted) == pytest.approx(metrics.cohen_kappa_score(truth, predicted))

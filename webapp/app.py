@@ -145,10 +145,8 @@ def launch(host: str = "127.0.0.1", port: int = 7860, share: bool = False,
 # process; the registry is already the one place all of them write.
 
 def _registry_serving() -> str | None:
-    try:
-        from annotation.versions import serving_version
-    except ModuleNotFoundError:
-        return None
+    from annotation.versions import serving_version
+
     version = serving_version()
     return version["name"] if version else None
 
@@ -166,10 +164,7 @@ def follow_registry(started_with: str | None, interval_s: float = 2.0,
     """
     if interval_s <= 0:
         return None
-    try:
-        from annotation.versions import activate_in_engine, serving_version
-    except ModuleNotFoundError:
-        return None
+    from annotation.versions import activate_in_engine, serving_version
 
     stop = stop or threading.Event()
 
@@ -275,15 +270,11 @@ def _ensure_admin() -> None:
 def _restore_training_state(serve_published: bool) -> None:
     """Settle jobs a crash left "running" (so the UI never waits on them) and, if asked, serve
     the version the registry says is serving."""
-    try:
-        from annotation.finetune import recover_jobs
-        from annotation.versions import activate_in_engine, serving_version
-    except ModuleNotFoundError as exc:
-        if exc.name not in ("annotation.finetune", "annotation.versions"):
-            raise  # a real missing dependency, not the fine-tune part left out
-        return
-    recover_jobs()
+    from annotation.finetune import recover_jobs
     from annotation.jobs import recover_jobs as recover_other_jobs
+    from annotation.versions import activate_in_engine, serving_version
+
+    recover_jobs()
 
     recover_other_jobs()  # imports, evaluations, exports a crash left "running"
     version = serving_version() if serve_published else None

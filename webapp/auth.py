@@ -3,8 +3,9 @@
     token = login("ada", "s3cret-pass")   # "eyJ1...Ii.9f2c..." (kept in gr.BrowserState)
     who = require(token, "annotator")     # Identity(user_id=1, name="ada", role="reviewer")
 
-A token is `base64url(payload).hmac_sha256(payload)`, signed with the server secret
-(`EMO_SECRET_KEY`, or a random key written once to `<EMO_DATA_DIR>/secret_key`). The payload
+A token is the payload signed by itsdangerous' URLSafeSerializer (base64url JSON + an HMAC
+signature) with the server secret (`EMO_SECRET_KEY`, or a random key written once to
+`<EMO_DATA_DIR>/secret_key`). The payload
 holds the user id, name, issue time and a fingerprint of the password hash, never the role:
 every protected handler calls `require()`, which verifies the signature and the expiry and then
 reads the *current* role from the users table. So a role change applies at once, a password
@@ -13,16 +14,15 @@ what it sends.
 """
 from __future__ import annotations
 
-import base64
 import hashlib
-import hmac
-import json
 import logging
 import os
 import secrets
 import threading
 import time
 from dataclasses import dataclass
+
+from itsdangerous import BadData, URLSafeSerializer
 
 from core.errors import UserError
 from db.models import ROLES, User
@@ -87,16 +87,8 @@ def reset_secret_cache() -> None:
         _secret = None
 
 
-def _b64(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
-
-
-def _unb64(text: str) -> bytes:
-    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
-
-
-def _sign(body: str) -> str:
-    return hmac.new(server_secret(), body.encode(), hashlib.sha256).hexdigest()
+def _serializer() -> URLSafeSerializer:
+    return URLSafeSerializer(server_secret(), salt="emo-llama-session")
 
 
 def _password_fingerprint(password_hash: str | None) -> str:
@@ -107,19 +99,16 @@ def issue_token(user_id: int, name: str, password_hash: str | None,
                 now: float | None = None) -> str:
     payload = {"uid": user_id, "name": name, "iat": int(now if now is not None else time.time()),
                "pwd": _password_fingerprint(password_hash), "nonce": secrets.token_hex(4)}
-    body = _b64(json.dumps(payload, separators=(",", ":"), sort_keys=True).encode())
-    return f"{body}.{_sign(body)}"
+    return _serializer().dumps(payload)
 
 
 def _decode(token: str) -> dict:
     """Signature and expiry check; the claims inside, or AuthError."""
     try:
-        body, signature = token.split(".")
-        valid = hmac.compare_digest(signature, _sign(body))
-        payload = json.loads(_unb64(body)) if valid else None
-    except (ValueError, AttributeError, json.JSONDecodeError):
-        valid, payload = False, None
-    if not valid or not isinstance(payload, dict):
+        payload = _serializer().loads(token)
+    except (BadData, TypeError):
+        payload = None
+    if not isinstance(payload, dict):
         raise AuthError("Your session is not valid; please sign in again.")
     age_s = time.time() - payload.get("iat", 0)
     if age_s > SESSION_HOURS * 3600:

@@ -1,10 +1,12 @@
-"""EmoLlamaConfig: every size and name the model needs, saved as the checkpoint's config.json."""
+"""EmoLlamaConfig: every size and name the model needs, saved as the checkpoint's config.json;
+and where a checkpoint is (a folder, or a hub id fetched into the cache). No torch here."""
 from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
+from core.errors import ModelLoadError
 from core.labels import BASIC7
 from core.model.recipe import DEFAULT_CATEGORY_PHRASING, DEFAULT_CONVERSATION_PHRASINGS
 
@@ -108,3 +110,28 @@ class EmoLlamaConfig:
             raise ValueError(f"model_type is {data.get('model_type')!r}, not {MODEL_TYPE!r}")
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in known})
+
+
+def resolve_checkpoint(name_or_path: str | Path) -> Path:
+    """A local folder as-is; otherwise a hub id fetched (or read from the cache) by huggingface_hub."""
+    path = Path(name_or_path)
+    if path.is_dir() and not (path / CONFIG_NAME).exists():
+        raise ModelLoadError(f"{path}: no {CONFIG_NAME}; build one with `python app.py build-model`")
+    return local_or_hub(name_or_path, "checkpoint folder", ModelLoadError)
+
+
+def local_or_hub(name_or_path: str | Path, what: str, error: type[Exception]) -> Path:
+    """A local folder as-is; "org/name" a hub repository fetched (or read from the cache) by
+    huggingface_hub; anything else, or a failed fetch, raises `error` in one line."""
+    path = Path(name_or_path)
+    if path.is_dir():
+        return path
+    if path.exists() or str(name_or_path).startswith((".", "/")) or str(name_or_path).count("/") != 1:
+        raise error(f"{name_or_path}: no such {what}")
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(str(name_or_path)))
+    except Exception as exc:
+        raise error(f"{name_or_path}: cannot fetch from the Hugging Face hub "
+                    f"({type(exc).__name__}); pass a local folder instead") from None

@@ -119,7 +119,7 @@ def convert_llamavid(source: str, out: str | Path, *, eva: str | None = None, be
 # ---------------------------------------------------------------------- finding the parts
 def resolve_release(source: str) -> Path:
     """A local folder, or a hub id fetched (or read from the cache) with huggingface_hub."""
-    from core.model.modeling import local_or_hub
+    from core.model.config import local_or_hub
 
     return local_or_hub(source, "LLaMA-VID release folder", UserError)
 

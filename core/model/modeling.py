@@ -34,7 +34,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from core.errors import ModelLoadError
-from core.model.config import CONFIG_NAME, EmoLlamaConfig
+from core.model.config import EmoLlamaConfig, resolve_checkpoint
 from core.model.face_mining import FaceInfoMining
 from core.model.prompt import split_prompt
 from core.model.vision import EVA_MODEL_TYPES, FrameTokens, encoder_features, load_vision_encoder, patch_grid
@@ -744,28 +744,3 @@ def _load_config(folder: Path, name_or_path) -> EmoLlamaConfig:
         return EmoLlamaConfig.load(folder)
     except (OSError, ValueError, TypeError) as exc:
         raise ModelLoadError(f"{name_or_path}: not an EMO-LLaMA checkpoint ({exc})") from None
-
-
-def resolve_checkpoint(name_or_path: str | Path) -> Path:
-    """A local folder as-is; otherwise a hub id fetched (or read from the cache) by huggingface_hub."""
-    path = Path(name_or_path)
-    if path.is_dir() and not (path / CONFIG_NAME).exists():
-        raise ModelLoadError(f"{path}: no {CONFIG_NAME}; build one with `python app.py build-model`")
-    return local_or_hub(name_or_path, "checkpoint folder", ModelLoadError)
-
-
-def local_or_hub(name_or_path: str | Path, what: str, error: type[Exception]) -> Path:
-    """A local folder as-is; "org/name" a hub repository fetched (or read from the cache) by
-    huggingface_hub; anything else, or a failed fetch, raises `error` in one line."""
-    path = Path(name_or_path)
-    if path.is_dir():
-        return path
-    if path.exists() or str(name_or_path).startswith((".", "/")) or str(name_or_path).count("/") != 1:
-        raise error(f"{name_or_path}: no such {what}")
-    try:
-        from huggingface_hub import snapshot_download
-
-        return Path(snapshot_download(str(name_or_path)))
-    except Exception as exc:
-        raise error(f"{name_or_path}: cannot fetch from the Hugging Face hub "
-                    f"({type(exc).__name__}); pass a local folder instead") from None
