@@ -25,10 +25,9 @@ import json
 import os
 import sys
 
+from annotation.formats import FORMATS
 from core.errors import UserError
-
-FORMATS = ("rafdb", "affectnet", "ferplus", "dfew", "ferv39k", "mafw", "folder", "csv", "fer2013")
-ROLES = ("viewer", "annotator", "reviewer", "admin")
+from db.models import ROLES
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -135,7 +134,7 @@ def _print(args: argparse.Namespace, payload, text: str) -> None:
 
 
 def import_command(args: argparse.Namespace) -> int:
-    from annotation.importers import format_summary, import_dataset
+    from annotation.ingest import format_summary, import_dataset
     from db.session import init_db
 
     init_db()

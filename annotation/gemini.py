@@ -856,7 +856,7 @@ def _media_for_explain(image) -> tuple[str, bytes]:
         array = np.ascontiguousarray(image, dtype=np.uint8)
         digest = hashlib.sha256(str(array.shape).encode() + array.tobytes()).hexdigest()
         return digest, encode_jpeg(array)
-    from annotation.importers import content_hash
+    from core.media import content_hash
     from core.media import media_kind
 
     path = Path(image)

@@ -302,7 +302,7 @@ def _track_tqdm(log: _Log) -> None:
 
 
 def _run_import(args: dict, url: str | None, log: _Log) -> dict:
-    from annotation.importers import import_dataset
+    from annotation.ingest import import_dataset
 
     _track_tqdm(log)
     # progress=True only enables the bars (written to process.log), which feed the events.

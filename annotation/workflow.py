@@ -34,15 +34,14 @@ from sqlalchemy import (DateTime, and_, delete, exists, func, insert, literal, s
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, aliased
 
-from annotation.importers import is_aligned
+from annotation.ingest import is_aligned
 from core.errors import UserError
 from core.labels import normalize_label
-from db.models import (Claim, Dataset, Preference, Response, ResponseHistory, Review, Sample,
-                       Suggestion, User, utcnow)
+from db.models import (ROLE_RANK, Claim, Dataset, Preference, Response, ResponseHistory, Review,
+                       Sample, Suggestion, User, utcnow)
 from db.session import session_scope
 
 CLAIM_SECONDS = 30 * 60
-ROLE_RANK = {"viewer": 0, "annotator": 1, "reviewer": 2, "admin": 3}
 STATUSES = {"draft": "draft", "submitted": "submitted", "submit": "submitted",
             "discarded": "discarded", "discard": "discarded"}
 DECISIONS = {"accepted": "accepted", "accept": "accepted", "rejected": "rejected",

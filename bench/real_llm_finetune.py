@@ -216,7 +216,7 @@ def main() -> int:
 
     from annotation.evaluate import evaluate_version
     from annotation.export import export_dataset, read_records
-    from annotation.importers import import_dataset
+    from annotation.ingest import import_dataset
     from annotation.versions import register_version
     from db.session import init_db
 

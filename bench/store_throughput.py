@@ -22,7 +22,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from annotation import workflow  # noqa: E402
-from annotation.importers import import_dataset  # noqa: E402
+from annotation.ingest import import_dataset  # noqa: E402
 from db.models import User  # noqa: E402
 from db.session import init_db, session_scope  # noqa: E402
 

@@ -16,6 +16,7 @@ detection never sees a giant array. The PyAV fallback converts only the sampled 
 """
 from __future__ import annotations
 
+import hashlib
 import io
 import logging
 import math
@@ -594,3 +595,19 @@ def load_media(path: str | os.PathLike, num_frames: int = 8, fps: float | None =
         frame, meta = _load_image(path, limits)
         return Media(kind="image", frames=[frame], meta=meta)
     return load_video(path, num_frames=num_frames, fps=fps, limits=limits)
+
+
+# ---------------------------------------------------------------------------------- identity
+
+def content_hash(path: str | os.PathLike) -> str:
+    """sha256 of a file's bytes; for a frame folder, of its frames' hashes in name order."""
+    path = Path(path)
+    digest = hashlib.sha256()
+    if path.is_dir():
+        for frame in sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS):
+            digest.update(hashlib.sha256(frame.read_bytes()).digest())
+        return digest.hexdigest()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

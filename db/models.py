@@ -25,7 +25,9 @@ class Base(DeclarativeBase):
     pass
 
 
+# The one list of roles; each may do everything the roles before it may.
 ROLES = ("viewer", "annotator", "reviewer", "admin")
+ROLE_RANK = {role: rank for rank, role in enumerate(ROLES)}
 
 
 class User(Base):

@@ -212,7 +212,7 @@ def write_png(path, seed: int, size: int = 16):
 @pytest.fixture
 def small_dataset(db_url, tmp_path):
     """Dataset "faces": 6 PNGs in a folder-per-class layout (train/test), imported; returns its name."""
-    from annotation.importers import import_dataset
+    from annotation.ingest import import_dataset
 
     root = tmp_path / "faces"
     for i, (split, label) in enumerate([("train", "happy"), ("train", "sad"), ("train", "angry"),

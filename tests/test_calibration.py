@@ -110,7 +110,7 @@ COLOURS = {"happiness": (220, 40, 40), "sadness": (40, 40, 220), "surprise": (40
 
 @pytest.fixture()
 def store(tmp_path, monkeypatch, tiny_checkpoint):  # noqa: F811
-    from annotation.importers import import_dataset
+    from annotation.ingest import import_dataset
     from annotation.versions import register_version
     from db.session import init_db
 

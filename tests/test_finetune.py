@@ -21,7 +21,7 @@ from PIL import Image
 from annotation import finetune
 from annotation.evaluate import evaluate_version
 from annotation.export import export_dataset
-from annotation.importers import import_dataset
+from annotation.ingest import import_dataset
 from annotation.train import TrainingData, latest_checkpoint, load_training_data, step_samples
 from annotation.versions import find_version, register_version, rollback, serving_version
 from core.engine import Engine, EngineConfig, set_shared_engine

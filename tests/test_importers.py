@@ -12,7 +12,8 @@ import pytest
 from PIL import Image
 from sqlalchemy import select
 
-from annotation.importers import FORMATS, content_hash, import_dataset
+from annotation.ingest import import_dataset
+from core.media import content_hash
 from core.errors import UserError
 from db.models import Dataset, Sample
 from db.session import session_scope
@@ -297,12 +298,6 @@ def test_bad_requests_raise_user_errors(db_url, tmp_path):
         import_dataset("folder", tmp_path / "v", "same", url=db_url, progress=False)
 
 
-def test_cli_format_list_matches_importers():
-    from annotation import cli_data
-
-    assert cli_data.FORMATS == FORMATS
-
-
 # ----------------------------------------------------------------------------- through the CLI
 # (a subprocess, as a user runs it: what reaches the terminal is what is asserted)
 
@@ -320,7 +315,7 @@ def cli(tmp_path, db_url, *args: str) -> subprocess.CompletedProcess:
 
 
 def test_quote_is_short_and_escaped():
-    from annotation.importers import _quote
+    from annotation.formats.quoting import quote as _quote
 
     quoted = _quote("GEMINI_API_KEY=" + SECRET + "\n\x00\x1b[31m" * 20)
     assert len(quoted) <= 40 + 3 and quoted.startswith("'GEMINI_API_KEY=") and quoted.endswith("…'")

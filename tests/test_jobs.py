@@ -168,7 +168,7 @@ def test_cancel_stops_a_running_job_cleanly(store):
 
 
 def test_the_evaluate_job_gives_the_same_report_as_the_cli(store, tiny_checkpoint):  # noqa: F811
-    from annotation.importers import import_dataset
+    from annotation.ingest import import_dataset
     from annotation.versions import register_version
 
     root, url = store
@@ -190,7 +190,7 @@ def test_the_evaluate_job_gives_the_same_report_as_the_cli(store, tiny_checkpoin
 
 
 def test_an_export_job_writes_the_snapshot(store):
-    from annotation.importers import import_dataset
+    from annotation.ingest import import_dataset
     from db.models import Suggestion
 
     root, url = store

@@ -119,7 +119,7 @@ def fake_gemini_url():
 @pytest.fixture(scope="module")
 def studio(tmp_path_factory, tiny_checkpoint, fake_gemini_url):  # noqa: F811
     """`python app.py serve` on a free port with everything under a tmp folder."""
-    from annotation.importers import import_dataset
+    from annotation.ingest import import_dataset
     from annotation.users import add_user
     from db.session import dispose_engine, init_db
 

@@ -25,12 +25,11 @@ from dataclasses import dataclass
 from itsdangerous import BadData, URLSafeSerializer
 
 from core.errors import UserError
-from db.models import ROLES, User
+from db.models import ROLE_RANK, User
 from db.session import data_dir, session_scope
 
 log = logging.getLogger(__name__)
 
-ROLE_RANK = {role: rank for rank, role in enumerate(ROLES)}  # viewer < annotator < ... < admin
 SESSION_HOURS = float(os.environ.get("EMO_SESSION_HOURS", "12"))
 # Guessing passwords is slowed by webapp.limits.LoginGuard's back-off (refused at once, no
 # hashing), not by sleeping: a sleep held a shared worker slot and slowed every sign-in.

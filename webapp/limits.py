@@ -156,7 +156,7 @@ def is_cached(path: str, url: str | None = None) -> bool:
     """Whether Gemini has explained this picture before (then the answer costs nothing)."""
     from sqlalchemy import select
 
-    from annotation.importers import content_hash
+    from core.media import content_hash
     from db.models import ExplainCache
     from db.session import session_scope
 

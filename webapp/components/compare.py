@@ -149,7 +149,7 @@ def vote(choice: str, pair: dict | None, token: str | None):
     if not all(side.get("has_explanation", True) and (side.get("explanation") or "").strip()
                for side in (pair["left"], pair["right"])):
         raise UserError(NO_MODEL_EXPLANATION.format(why="no text") + " No vote was stored.")
-    from annotation.importers import content_hash
+    from core.media import content_hash
     from annotation.workflow import vote_preference
 
     who = identify(token) if token else None

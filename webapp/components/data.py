@@ -17,7 +17,8 @@ import os
 import gradio as gr
 import pandas as pd
 
-from annotation.importers import FORMATS, check_import_path
+from annotation.formats import FORMATS
+from annotation.import_roots import check_import_path
 from core.errors import UserError
 from webapp.auth import require
 from webapp.components.common import handle_errors, server_choices

@@ -20,7 +20,7 @@ from pathlib import Path
 import gradio as gr
 import numpy as np
 
-from annotation.importers import content_hash
+from core.media import content_hash
 from core.errors import MediaError
 from db.session import data_dir
 from webapp.components.common import (MODEL_GROUP, engine, handle_errors, require_file,
