@@ -62,7 +62,7 @@ def metrics(truth: list[str], predicted: list[str | None]) -> dict:
 
 def network_alone(items: list[tuple[Path, str]]) -> dict:
     """The prior network on each raw crop (decoded as the engine decodes), 64 at a time."""
-    from core.faces import make_prior
+    from core.priors import make_prior
 
     prior = make_prior("fer2013-mini-xception")
     images = [load_image(path) for path, _ in items]

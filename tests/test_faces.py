@@ -91,7 +91,7 @@ def test_fairface_folder_loads_and_predicts_valid_categories(tmp_path, analyzer)
 def test_missing_attribute_and_prior_models_are_clear_errors(tmp_path):
     with pytest.raises(ModelLoadError, match="FairFace"):
         FairFacePredictor(str(tmp_path))
-    from core.faces import TransformersPrior
+    from core.priors import TransformersPrior
 
     with pytest.raises(ModelLoadError, match="prior network"):
         TransformersPrior(str(tmp_path / "nothing-here"))
@@ -101,7 +101,7 @@ def test_transformers_prior_from_a_local_folder(tmp_path):
     """A stronger prior network loads from a folder; its expression labels are canonicalised."""
     from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor
 
-    from core.faces import TransformersPrior
+    from core.priors import TransformersPrior
 
     labels = ["Angry", "Happy", "Neutral", "not-a-face"]
     config = ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=1,

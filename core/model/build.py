@@ -19,6 +19,7 @@ from core.labels import CANONICAL, SYNONYMS
 from core.model.config import EmoLlamaConfig
 from core.model.modeling import EmoLlama
 from core.model.prompt import CATEGORY_QUESTION, CONVERSATION_QUESTION
+from core.priors import embedding_dim
 
 TINY_CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}\n{% endfor %}"
                       "{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
@@ -136,18 +137,6 @@ def base_fingerprint(*folders: Path) -> str:
     return f"sha256:{digest.hexdigest()[:16]}"
 
 
-def prior_embedding_dim(prior: str) -> int:
-    """Size of the global face embedding core/faces.py takes from the prior network `prior`."""
-    if prior in ("fer2013-mini-xception", "mini-xception", "default"):
-        return 128
-    from transformers import AutoConfig
-
-    config = AutoConfig.from_pretrained(prior)
-    # TransformersPrior pools the last hidden state: CNNs name their widths hidden_sizes.
-    sizes = getattr(config, "hidden_sizes", None)
-    return int(sizes[-1]) if sizes else int(config.hidden_size)
-
-
 def build_from_parts(llm: str, vision: str, out: str | Path, prior: str | None = None,
                      version: str = "base", llm_gguf_file: str = "", bert: str = "bert-base-uncased") -> Path:
     """An untrained checkpoint that refers to real base parts by hub id or folder.
@@ -170,7 +159,7 @@ def build_from_parts(llm: str, vision: str, out: str | Path, prior: str | None =
     llm, vision = (str(Path(part).resolve()) if Path(part).is_dir() else part for part in (llm, vision))
     config = EmoLlamaConfig(llm=llm, vision=vision, version=version, llm_gguf_file=llm_gguf_file)
     if prior:
-        config.prior, config.prior_dim = prior, prior_embedding_dim(prior)
+        config.prior, config.prior_dim = prior, embedding_dim(prior)
     llm_config = AutoConfig.from_pretrained(llm, **({"gguf_file": llm_gguf_file} if llm_gguf_file else {}))
     vision_config = AutoConfig.from_pretrained(vision)
     vision_config = getattr(vision_config, "vision_config", None) or vision_config

@@ -9,6 +9,7 @@ from pathlib import Path
 from core.errors import ModelLoadError
 from core.labels import BASIC7
 from core.model.recipe import DEFAULT_CATEGORY_PHRASING, DEFAULT_CONVERSATION_PHRASINGS
+from core.priors import DEFAULT_PRIOR
 
 CONFIG_NAME = "config.json"
 MODEL_TYPE = "emo-llama"
@@ -19,7 +20,7 @@ class EmoLlamaConfig:
     # Base parts: a hub id, an absolute folder, or a sub-folder of the checkpoint ("llm").
     llm: str = "lmsys/vicuna-7b-v1.5"
     vision: str = "openai/clip-vit-large-patch14-336"
-    prior: str = "fer2013-mini-xception"   # the face prior network of core/faces.py
+    prior: str = DEFAULT_PRIOR              # the face prior network (core/priors.py)
     prior_dim: int = 128                    # its global embedding size
 
     # LLaMA-VID: per frame one text-guided context token + `content_tokens` pooled patch tokens
