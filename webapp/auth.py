@@ -3,10 +3,10 @@
     token = login("ada", "s3cret-pass")   # "eyJ1...Ii.9f2c..." (kept in gr.BrowserState)
     who = require(token, "annotator")     # Identity(user_id=1, name="ada", role="reviewer")
 
-A token is the payload signed by itsdangerous' URLSafeSerializer (base64url JSON + an HMAC
-signature) with the server secret (`EMO_SECRET_KEY`, or a random key written once to
-`<EMO_DATA_DIR>/secret_key`). The payload
-holds the user id, name, issue time and a fingerprint of the password hash, never the role:
+A token is `base64url(JSON payload).signature`, signed by itsdangerous' Signer (HMAC-SHA256, its
+key derived from a salt and the server secret: `EMO_SECRET_KEY`, or a random key written once to
+`<EMO_DATA_DIR>/secret_key`). The payload holds the user id, name, issue time and a fingerprint
+of the password hash, never the role:
 every protected handler calls `require()`, which verifies the signature and the expiry and then
 reads the *current* role from the users table. So a role change applies at once, a password
 change signs out every session of that user, and a client cannot promote itself by editing
@@ -15,6 +15,7 @@ what it sends.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import secrets
@@ -22,7 +23,8 @@ import threading
 import time
 from dataclasses import dataclass
 
-from itsdangerous import BadData, URLSafeSerializer
+from itsdangerous import BadData, Signer
+from itsdangerous.encoding import base64_decode, base64_encode
 
 from core.errors import UserError
 from db.models import ROLE_RANK, User
@@ -86,8 +88,8 @@ def reset_secret_cache() -> None:
         _secret = None
 
 
-def _serializer() -> URLSafeSerializer:
-    return URLSafeSerializer(server_secret(), salt="emo-llama-session")
+def _signer() -> Signer:
+    return Signer(server_secret(), salt="emo-llama-session", digest_method=hashlib.sha256)
 
 
 def _password_fingerprint(password_hash: str | None) -> str:
@@ -98,14 +100,15 @@ def issue_token(user_id: int, name: str, password_hash: str | None,
                 now: float | None = None) -> str:
     payload = {"uid": user_id, "name": name, "iat": int(now if now is not None else time.time()),
                "pwd": _password_fingerprint(password_hash), "nonce": secrets.token_hex(4)}
-    return _serializer().dumps(payload)
+    body = base64_encode(json.dumps(payload, separators=(",", ":"), sort_keys=True))
+    return _signer().sign(body).decode()
 
 
 def _decode(token: str) -> dict:
     """Signature and expiry check; the claims inside, or AuthError."""
     try:
-        payload = _serializer().loads(token)
-    except (BadData, TypeError):
+        payload = json.loads(base64_decode(_signer().unsign(token)))
+    except (BadData, TypeError, ValueError):  # a forged signature, not base64, not JSON
         payload = None
     if not isinstance(payload, dict):
         raise AuthError("Your session is not valid; please sign in again.")
