@@ -207,6 +207,8 @@ def frozen_features(core, x) -> tuple[torch.Tensor, torch.Tensor]:
     fresh one and a resumed run see bit-identical features."""
     from core.model.vision import encoder_features
 
+    if hasattr(core, "frozen_features"):  # a VLM base: its own image pathway (core/model/vlm.py)
+        return core.frozen_features(x)
     frames = x.pixel_values.shape[0]
     pixels = x.pixel_values if x.face_pixels is None else torch.cat([x.pixel_values, x.face_pixels])
     with torch.no_grad():

@@ -52,7 +52,12 @@ def find_version(name_or_folder: str, url: str | None = None) -> dict | None:
 
 
 def version_folder(name_or_folder: str, url: str | None = None) -> str:
-    """The checkpoint folder of a registered version, or the argument itself (a folder / hub id)."""
+    """The checkpoint folder of a registered version, or the argument itself (a folder / hub id,
+    or "zero-shot:ID": a released VLM as it is, never a registered version)."""
+    from core.model.config import zero_shot_id
+
+    if zero_shot_id(name_or_folder) is not None:
+        return str(name_or_folder)
     version = find_version(name_or_folder, url)
     return version["folder"] if version else str(name_or_folder)
 

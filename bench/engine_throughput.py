@@ -1,19 +1,23 @@
-"""Engine throughput: dynamic batching on vs off, at 1, 4, 8 and 16 concurrent clients.
+"""Engine throughput: one-at-a-time vs static batching vs continuous batching, at 1, 8 and 16 clients.
 
-    python bench/engine_throughput.py [--requests 48] [--repeats 3] [--model DIR]
+    python bench/engine_throughput.py [--requests 48] [--repeats 3] [--model DIR] [--scoring]
 
-Runs the tiny checkpoint (built into a temp folder unless --model is given) on the CPU. For each
-task (label scoring only; scoring + generation) and each client count it measures requests/s
-and p95 latency with the one-at-a-time engine (max_batch=1) and the batching engine
-(max_batch=16), side by side in one run, and prints the ratios. The input is a small 96x96
-face-free image so that decoding and face detection (a fixed per-request cost, measured by
-bench/faces_cost.py) don't hide the model's cost. Each cell runs `--repeats` times, the two
-engines alternating, and reports the median: other work on a shared machine moves single runs a
-lot.
+Runs the tiny checkpoint (built into a temp folder unless --model is given) on the CPU. Three
+engines side by side in one run: one-at-a-time (max_batch=1), static batching (max_batch=16,
+continuous=False: a request arriving while a batch decodes waits for the whole batch) and
+continuous batching (max_batch=16: it joins the running batch at the next decoding step). Each
+client sends its next request as soon as its last one is answered (closed loop). For each client
+count it prints generation requests/s (and the ratio to one-at-a-time) and p50 / p95 latency (and
+their ratio to a lone client: one client on the one-at-a-time engine). `--scoring` adds the same
+table for label scoring only (explain=False). The input is a small 96x96 face-free image so that
+decoding and face detection (a fixed per-request cost, measured by bench/faces_cost.py) don't
+hide the model's cost. Each cell runs `--repeats` times, the engines alternating, and reports the
+median: other work on a shared machine moves single runs a lot.
 """
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import statistics
 import sys
@@ -31,7 +35,8 @@ from PIL import Image  # noqa: E402
 from core.engine import Engine, EngineConfig  # noqa: E402
 
 
-def run(engine: Engine, media: Path, clients: int, requests: int, explain: bool) -> tuple[float, float]:
+def run(engine: Engine, media: Path, clients: int, requests: int, explain: bool) -> tuple[float, float, float]:
+    """(requests/s, p50 ms, p95 ms) of `requests` requests from `clients` closed-loop clients."""
     latencies: list[float] = []
 
     def one(_):
@@ -45,7 +50,10 @@ def run(engine: Engine, media: Path, clients: int, requests: int, explain: bool)
         list(pool.map(one, range(requests)))
     elapsed = time.perf_counter() - start
     latencies.sort()
-    return requests / elapsed, latencies[int(0.95 * (len(latencies) - 1))]
+    def pct(q: float) -> float:
+        return latencies[int(q * (len(latencies) - 1))]
+
+    return requests / elapsed, pct(0.5), pct(0.95)
 
 
 def model_only(model, media: Path, n: int = 8, repeats: int = 5) -> None:
@@ -76,14 +84,13 @@ def model_only(model, media: Path, n: int = 8, repeats: int = 5) -> None:
 
 
 def cell(engines: dict, media: Path, clients: int, requests: int, explain: bool,
-         repeats: int) -> dict[str, tuple[float, float]]:
-    """Median (req/s, p95 ms) per engine over `repeats` alternating runs."""
-    runs: dict[str, list[tuple[float, float]]] = {name: [] for name in engines}
+         repeats: int) -> dict[str, tuple[float, float, float]]:
+    """Median (req/s, p50 ms, p95 ms) per engine over `repeats` alternating runs."""
+    runs: dict[str, list[tuple[float, float, float]]] = {name: [] for name in engines}
     for _ in range(repeats):
         for name, engine in engines.items():
             runs[name].append(run(engine, media, clients, requests, explain))
-    return {name: (statistics.median(r for r, _ in rs), statistics.median(p for _, p in rs))
-            for name, rs in runs.items()}
+    return {name: tuple(statistics.median(r[i] for r in rs) for i in range(3)) for name, rs in runs.items()}
 
 
 def main() -> None:
@@ -92,6 +99,8 @@ def main() -> None:
     parser.add_argument("--model")
     parser.add_argument("--new-tokens", type=int, default=24)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--clients", default="1,8,16")
+    parser.add_argument("--scoring", action="store_true", help="also measure label scoring alone")
     args = parser.parse_args()
     tmp = Path(tempfile.mkdtemp())
     model = args.model
@@ -103,24 +112,28 @@ def main() -> None:
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (96, 96, 3), dtype=np.uint8)).save(media)
     common = dict(num_frames=1, max_new_tokens=args.new_tokens, preprocess_workers=4, max_queue=256)
     engines = {"one-at-a-time": Engine(model, EngineConfig(max_batch=1, batch_window_ms=0, **common)),
-               "batched": Engine(model, EngineConfig(max_batch=16, batch_window_ms=15, **common))}
-    print(f"machine: {platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}, "
-          f"model {engines['batched'].info['model_version']}, {args.requests} requests per run, "
-          f"median of {args.repeats} runs per cell")
-    print(f"{'task':10s} {'clients':>7s} | {'req/s 1x1':>9s} {'req/s batch':>11s} {'ratio':>6s} | "
-          f"{'p95 ms 1x1':>10s} {'p95 ms batch':>12s}")
-    for task, explain in (("scoring", False), ("generation", True)):
-        single_client_p95 = None
-        for clients in (1, 4, 8, 16):
-            medians = cell(engines, media, clients, args.requests, explain, args.repeats)
-            (one_rps, one_p95), (bat_rps, bat_p95) = medians["one-at-a-time"], medians["batched"]
-            single_client_p95 = single_client_p95 or bat_p95
-            print(f"{task:10s} {clients:7d} | {one_rps:9.1f} {bat_rps:11.1f} {bat_rps / one_rps:5.2f}x | "
-                  f"{one_p95:10.0f} {bat_p95:12.0f}   (batched p95 / 1-client p95: {bat_p95 / single_client_p95:.2f})")
-    model_only(engines["batched"]._model, media)
-    for engine in engines.values():
-        print(f"batch sizes seen ({engine is engines['batched'] and 'batched' or 'one-at-a-time'}): "
-              f"{engine.health()['batch_sizes']}")
+               "static": Engine(model, EngineConfig(max_batch=16, batch_window_ms=15, continuous=False, **common)),
+               "continuous": Engine(model, EngineConfig(max_batch=16, batch_window_ms=15, **common))}
+    print(f"machine: {platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, "
+          f"torch {torch.__version__}, model {engines['continuous'].info['model_version']}, "
+          f"{args.new_tokens} new tokens, {args.requests} requests per run, median of {args.repeats} runs per cell")
+    tasks = (("scoring", False),) * args.scoring + (("generation", True),)
+    for task, explain in tasks:
+        print(f"\n{task}: req/s (x one-at-a-time) | p50 ms (x lone) | p95 ms (x lone); "
+              f"lone = 1 client, one-at-a-time")
+        print(f"{'clients':>7s} | " + " | ".join(f"{name:^38s}" for name in engines))
+        lone = None
+        for clients in (int(c) for c in args.clients.split(",")):
+            medians = cell(engines, media, clients, max(args.requests, 2 * clients), explain, args.repeats)
+            if lone is None:
+                lone = medians["one-at-a-time"]
+            base_rps = medians["one-at-a-time"][0]
+            print(f"{clients:7d} | " + " | ".join(
+                f"{rps:5.1f} ({rps / base_rps:4.2f}x) {p50:6.0f} ({p50 / lone[1]:4.2f}x) {p95:6.0f} ({p95 / lone[2]:4.2f}x)"
+                for rps, p50, p95 in medians.values()), flush=True)
+    model_only(engines["continuous"]._model, media)
+    for name, engine in engines.items():
+        print(f"decode batch size per step ({name}): {engine.health()['batch_sizes']}")
         engine.close()
 
 

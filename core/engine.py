@@ -7,9 +7,14 @@
 
 How a request flows:
   submit ──► preprocessing pool (decode, sample frames, faces, model.prepare)   [N threads]
-         ──► model queue ──► model thread: waits up to `batch_window_ms` for company, then runs
-             ONE batched label-scoring pass and ONE batched generation for up to `max_batch`
-             requests, streaming each request's text to its own event queue.
+         ──► model queue ──► model thread: continuous (iteration-level) batching. Between two
+             decoding steps, the requests that became ready (up to `max_batch` decoding at once)
+             get ONE batched label-scoring pass (their "analysis" events), then join the running
+             generation batch in ONE prefill pass (core/model/decoding.py: their KV cache merged
+             into the running one); every step decodes one token for every row and streams each
+             request's text to its own event queue; a finished or cancelled row leaves at once.
+             When nothing is decoding, the first request waits up to `batch_window_ms` for
+             company. `continuous=False` is static batching: nothing joins a running batch.
 A request is bound at submit to the version (and face analyser) serving then, and is decoded,
 analysed, prepared and run on those: `swap()` changes what new requests get, never what one in
 flight runs on. Preparing is done once per request: one decode, one face pass (all frames through
@@ -17,7 +22,10 @@ the prior network together), one image-processor pass and one vision-tower pass 
 scoring prompt and the conversation prompt (EmoLlama.prepare_media).
 A full queue answers EngineBusy at once (back-pressure, not unbounded memory). A request whose
 client goes away (its iterator closed) is dropped at the next decoding step. A failing request
-fails alone: a batch that raises is retried one request at a time.
+fails alone: a scoring or prefill pass that raises is retried one request at a time, and so is
+every row of a decoding step that raises (each decoded alone from its start; text already
+streamed is not sent twice). Versions never share a decode batch: each has its own, stepped in
+turn. `health()["batch_sizes"]` counts decode batch sizes, once per decoding step.
 
 Without a checkpoint the engine runs in prior-only mode: labels and scores come from the face
 prior network (largest face; videos: mean over the frames with a face), `explanation` is "" and
@@ -56,6 +64,8 @@ PRIOR_ONLY_NOTE = ("No EMO-LLaMA checkpoint is loaded: the label and scores come
                    "prior network (FER2013 mini-Xception) and there is no explanation. Set "
                    "EMO_LLAMA_MODEL to a checkpoint folder or hub id, or start with "
                    "`python app.py serve --model DIR`.")
+ZERO_SHOT_NOTE = ("Zero-shot: {vlm} answers as released, without EMO-LLaMA's fine-tuning, face "
+                  "tokens or age/gender sentence: a baseline, not a trained model.")
 TINY_NOTE = ("TEST FIXTURE: this answer comes from a tiny randomly initialised checkpoint, not a "
              "trained model. Its labels and text are meaningless.")
 
@@ -70,7 +80,10 @@ class RequestTimeout(UserError):
 
 @dataclass
 class EngineConfig:
-    max_batch: int = 8
+    max_batch: int = 8  # the most requests decoding at once (all versions together)
+    # True: requests join the running decode batch at the next step; False: static batching, a
+    # request waits until the whole running batch is done (bench/engine_throughput.py compares).
+    continuous: bool = True
     batch_window_ms: float = 20.0
     max_queue: int = 64
     request_timeout_s: float = 120.0
@@ -100,6 +113,7 @@ class _Request:
     score_input: object = None
     text_input: object = None
     ready: float = 0.0
+    started: float = 0.0  # when the model thread took it (its scoring pass)
     finished: bool = False
     # What the client has been sent, so that a batch retried one by one repeats nothing.
     analysis_sent: bool = False
@@ -120,7 +134,7 @@ class Serving:
     config version) instead of parsing `info["model_version"]`, which is for display."""
     name: str
     folder: str | None  # the checkpoint folder or hub id it was loaded from; None in prior-only mode
-    mode: str           # "checkpoint" | "tiny-test-fixture" | "prior-only"
+    mode: str           # "checkpoint" | "zero-shot" | "tiny-test-fixture" | "prior-only"
 
 
 class Engine:
@@ -165,7 +179,7 @@ class Engine:
             model, folder = self._model, self._folder
         if model is None:
             return Serving("prior-only", None, "prior-only")
-        return Serving(model.version, folder, "tiny-test-fixture" if model.config.is_tiny else "checkpoint")
+        return Serving(model.version, folder, _version_info(model)["mode"])
 
     def swap(self, folder_or_id: str, name: str | None = None) -> Serving:
         """The one way to change what serves: load a version beside the serving one, then
@@ -372,17 +386,21 @@ class Engine:
         return result
 
     # ------------------------------------------------------------------ the model thread
-    def _next_batch(self) -> list[_Request]:
+    def _next_batch(self, room: int, idle: bool) -> list[_Request]:
+        """Up to `room` prepared requests. Idle: wait for the first, then up to `batch_window_ms`
+        for company while others are on their way (a lone request runs at once). While rows are
+        decoding: only the requests already here, so the running rows never wait."""
+        if room <= 0:
+            return []
         try:
-            first = self._queue.get(timeout=0.2)
+            first = self._queue.get(timeout=0.2) if idle else self._queue.get_nowait()
         except queue.Empty:
             return []
         batch = [first]
         deadline = time.perf_counter() + self.config.batch_window_ms / 1000
-        while len(batch) < self.config.max_batch:
-            # Wait for company only while other requests are on their way (in preprocessing);
-            # a lone request runs at once.
-            waiting_for_more = len(self._pending) > len(batch) + self._queue.qsize()
+        while len(batch) < room:
+            # Wait for company only while other requests are on their way (in preprocessing).
+            waiting_for_more = idle and len(self._pending) > len(batch) + self._queue.qsize()
             remaining = deadline - time.perf_counter() if waiting_for_more else 0
             try:
                 batch.append(self._queue.get(timeout=remaining) if remaining > 0 else self._queue.get_nowait())
@@ -398,22 +416,37 @@ class Engine:
         return live
 
     def _model_loop(self) -> None:
+        """Iteration-level scheduling: between two decoding steps, requests that became ready
+        are scored and join the running decode batch; finished or cancelled rows leave at once.
+        Each version has its own decode batch (adapters differ), stepped in turn."""
+        from core.model.decoding import DecodeBatch
+
+        running: dict[int, DecodeBatch] = {}  # id(model) -> that version's decode batch
         while not self._closed.is_set():
             self._release_retired()
-            batch = self._next_batch()
-            if not batch:
-                continue
-            # Each request runs on the version it was prepared for: after a swap the queue may
-            # hold requests of two versions, which run as separate batches.
+            rows = sum(len(decoder) for decoder in running.values())
+            # Static batching (continuous=False, or a cache that cannot be re-padded, e.g. sliding
+            # window layers): nothing joins until the whole running batch is done.
+            joinable = self.config.continuous and all(getattr(d, "joinable", True)
+                                                      for d in running.values())
+            room = self.config.max_batch - rows if joinable or not rows else 0
             groups: dict[int, list[_Request]] = {}
-            for request in batch:
+            for request in self._next_batch(room, idle=not rows):
                 groups.setdefault(id(request.model), []).append(request)
-            for group in groups.values():
-                self._run_group(group[0].model, group)
+            for key, group in groups.items():
+                # A model may bring its own (core/model/remote.py: a vLLM server batches itself).
+                batch_type = getattr(group[0].model, "decode_batch_type", DecodeBatch)
+                decoder = running.setdefault(key, batch_type(group[0].model))
+                self._admit(group, decoder)
+            for key, decoder in list(running.items()):
+                if decoder:
+                    self._step(decoder)
+                if not decoder:
+                    del running[key]  # holds its version: retired ones are released once idle
 
     def _release_retired(self) -> None:
-        """Drop the adapters of swapped-out versions no submitted request still needs (no batch
-        is running: the model thread calls this between batches)."""
+        """Drop the adapters of swapped-out versions no submitted request still needs (the model
+        thread calls this between decoding steps; a decoding request is still pending)."""
         with self._swap_lock, self._count_lock:
             needed = {id(r.model) for r in self._pending.values()}
             done = [old for old in self._retired if id(old) not in needed]
@@ -424,40 +457,33 @@ class Engine:
             except Exception:  # a leaked adapter costs memory, not answers
                 log.exception("could not release version %s", old.version)
 
-    def _run_group(self, model, batch: list[_Request]) -> None:
-        with self._count_lock:
-            self._batch_sizes[len(batch)] += 1
+    def _admit(self, group: list[_Request], decoder) -> None:
         try:
-            self._run_batch(model, batch)
+            self._start(group, decoder)
         except Exception:
-            # One bad request must not cost the others their answers: find it by running
-            # the batch's requests alone.
-            log.warning("a batch of %d failed; retrying its requests one by one", len(batch))
-            for request in batch:
+            # One bad request must not cost the others their answers: find it by running the
+            # group's requests alone (a failed prefill left the running rows untouched).
+            log.warning("a batch of %d failed; retrying its requests one by one", len(group))
+            for request in group:
                 if not request.finished:
-                    self._run_alone(model, request)
+                    self._guarded(request, lambda: self._start([request], decoder))
 
-    def _run_alone(self, model, request: _Request) -> None:
-        try:
-            self._run_batch(model, [request])
-        except UserError as exc:
-            self._finish(request, "error", exc)
-        except Exception as exc:
-            log.exception("request %s failed", request.media)
-            self._finish(request, "error", UserError(f"the model failed on this input ({type(exc).__name__})"))
-
-    def _run_batch(self, model, batch: list[_Request]) -> None:
+    def _start(self, group: list[_Request], decoder) -> None:
+        """One label-scoring pass per label set (the "analysis" events), then the requests that
+        explain join the decode batch in one prefill pass; the others are answered."""
         import torch
 
+        model = decoder.model
         started = time.perf_counter()
         info = _version_info(model)
         by_labels: dict[tuple, list[_Request]] = {}
-        for request in batch:
+        for request in group:
             by_labels.setdefault(tuple(request.label_set), []).append(request)
         with torch.inference_mode():
-            for labels, group in by_labels.items():
-                scores = model.score_labels([r.score_input for r in group], list(labels))
-                for request, s in zip(group, scores):
+            for labels, part in by_labels.items():
+                scores = model.score_labels([r.score_input for r in part], list(labels))
+                for request, s in zip(part, scores):
+                    request.started = started
                     request.result.update(info, label=max(s, key=s.get), scores=s, explanation="")
                     if not request.result["faces"]:
                         request.result["note"] = ((info.get("note") or "") + " No face found: the model "
@@ -467,25 +493,66 @@ class Engine:
                     if not request.analysis_sent:
                         request.analysis_sent = True
                         request.events.put(("analysis", dict(request.result)))
-            talkers = [r for r in batch if r.explain and not r.cancelled.is_set()]
+            talkers = [r for r in group if r.explain and not r.cancelled.is_set()]
             for request in talkers:
                 request.attempt_text = ""
-            if talkers:
-                texts = model.generate(
-                    [r.text_input for r in talkers], max_new_tokens=self.config.max_new_tokens,
-                    on_text=lambda i, piece: _send_text(talkers[i], piece),
-                    is_active=lambda i: not talkers[i].cancelled.is_set())
-                for request, text in zip(talkers, texts):
-                    request.result["explanation"] = text
-        model_ms = _ms(started, time.perf_counter())
-        for request in batch:
-            request.result["timings_ms"]["model"] = model_ms
-            if request.score_input is not None and request.score_input.media is not None:
-                request.score_input.media.forget_features()  # answered: free the device memory
-            if request.cancelled.is_set():
-                self._finish(request, "cancelled", None)
-            else:
-                self._finish(request, "done", request.result)
+            decoder.add([r.text_input for r in talkers], talkers, max_new_tokens=self.config.max_new_tokens,
+                        on_text=_send_text, is_active=lambda r: not r.cancelled.is_set())
+        decoding = {id(r) for r in talkers}
+        for request in group:
+            _forget_features(request)  # the prompts have been through the LLM: free the device memory
+            if id(request) not in decoding:
+                self._answered(request)
+
+    def _step(self, decoder) -> None:
+        import torch
+
+        rows = list(decoder.rows)
+        with self._count_lock:
+            self._batch_sizes[len(rows)] += 1  # the decode batch size, once per step
+        try:
+            with torch.inference_mode():
+                finished = decoder.step()
+        except Exception:
+            log.warning("a decoding step of %d rows failed; retrying them one by one", len(rows))
+            decoder.clear()
+            for row in rows:
+                self._guarded(row.key, lambda: self._generate_alone(decoder.model, row.key))
+            return
+        for row in finished:
+            row.key.result["explanation"] = row.answer
+            self._answered(row.key)
+
+    def _generate_alone(self, model, request: _Request) -> None:
+        """A request of a failed step, decoded on its own from the start (greedy decoding repeats
+        the text already streamed; _send_text skips it)."""
+        import torch
+
+        request.attempt_text = ""
+        with torch.inference_mode():
+            (text,) = model.generate([request.text_input], self.config.max_new_tokens,
+                                     on_text=lambda i, piece: _send_text(request, piece),
+                                     is_active=lambda i: not request.cancelled.is_set())
+        _forget_features(request)
+        request.result["explanation"] = text
+        self._answered(request)
+
+    def _guarded(self, request: _Request, run) -> None:
+        """Run one request's work; whatever it raises fails that request alone."""
+        try:
+            run()
+        except UserError as exc:
+            self._finish(request, "error", exc)
+        except Exception as exc:
+            log.exception("request %s failed", request.media)
+            self._finish(request, "error", UserError(f"the model failed on this input ({type(exc).__name__})"))
+
+    def _answered(self, request: _Request) -> None:
+        request.result["timings_ms"]["model"] = _ms(request.started, time.perf_counter())
+        if request.cancelled.is_set():
+            self._finish(request, "cancelled", None)
+        else:
+            self._finish(request, "done", request.result)
 
 
 class RequestStream:
@@ -535,6 +602,11 @@ class RequestStream:
         self.close()
 
 
+def _forget_features(request: _Request) -> None:
+    if request.score_input is not None and request.score_input.media is not None:
+        request.score_input.media.forget_features()
+
+
 def _send_text(request: _Request, piece: str) -> None:
     """Stream a piece, skipping text a failed batch attempt already sent (greedy decoding
     repeats it when the request is retried alone)."""
@@ -564,6 +636,9 @@ def _version_info(model) -> dict:
     if model.config.is_tiny:
         return {"model_version": f"tiny-test-fixture:{model.version}", "mode": "tiny-test-fixture",
                 "is_tiny": True, "note": TINY_NOTE}
+    if getattr(model.config, "zero_shot", False):
+        return {"model_version": model.version, "mode": "zero-shot", "is_tiny": False,
+                "note": ZERO_SHOT_NOTE.format(vlm=model.config.vlm)}
     return {"model_version": model.version, "mode": "checkpoint", "is_tiny": False, "note": ""}
 
 

@@ -217,14 +217,14 @@ def test_hot_swap_onto_the_same_base_shares_it_and_releases_the_old_adapter(tiny
 def test_a_request_that_breaks_the_model_fails_alone(engine, files, monkeypatch):
     model = engine._model
     poison = model._qformer_ids("POISON")
-    real_generate = model.generate
+    real_prefill = model.prefill  # the engine's generation starts here (continuous batching)
 
-    def generate(batch, *args, **kwargs):
+    def prefill(batch, *args, **kwargs):
         if any(x.question_ids == poison for x in batch):
             raise RuntimeError("boom")
-        return real_generate(batch, *args, **kwargs)
+        return real_prefill(batch, *args, **kwargs)
 
-    monkeypatch.setattr(model, "generate", generate)
+    monkeypatch.setattr(model, "prefill", prefill)
     expected = engine.predict(files["face"])
     before = engine.health()["batch_sizes"]
 

@@ -220,7 +220,11 @@ def test_sampling_is_optional_and_reproducible_with_a_seed(model, face_input):
     runs = [model.generate([x], max_new_tokens=8, do_sample=True, temperature=2.0, seed=s)[0]
             for s in (0, 0, 1, 2, 3)]
     assert runs[0] == runs[1] and len(set(runs)) > 1
-    assert model.generate([x], max_new_tokens=8) == model.generate([x], max_new_tokens=8)
+    greedy = model.generate([x], max_new_tokens=8)
+    assert greedy == model.generate([x], max_new_tokens=8)
+    # A nucleus this small keeps only the most likely token: sampling from it is greedy decoding.
+    assert all(model.generate([x], max_new_tokens=8, do_sample=True, temperature=2.0, top_p=1e-6, seed=s)
+               == greedy for s in (0, 1, 2))
 
 
 @pytest.fixture(scope="module")

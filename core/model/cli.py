@@ -1,6 +1,8 @@
 """`python app.py build-model ...` and `python app.py predict MEDIA ...`.
 
     python app.py predict photo.jpg --json          # one prediction JSON
+    python app.py build-model --from-vlm HuggingFaceTB/SmolVLM-256M-Instruct --out /tmp/smol
+    python app.py predict photo.jpg --model zero-shot:HuggingFaceTB/SmolVLM-256M-Instruct
     python app.py predict crop.png --aligned        # a face crop: no detection, the image is the face
     python app.py predict photos/ --json > out.jsonl   # one JSON line per file, progress on stderr
 """
@@ -20,14 +22,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     which.add_argument("--tiny", action="store_true", help="tiny random parts: a TEST FIXTURE")
     which.add_argument("--from-llamavid", metavar="DIR_OR_ID",
                        help="convert a LLaMA-VID release (e.g. YanweiLi/llama-vid-7b-full-224-video-fps-1)")
+    which.add_argument("--from-vlm", metavar="ID_OR_DIR",
+                       help="a released VLM as the base (llava-hf/llava-1.5-7b-hf, "
+                            "HuggingFaceTB/SmolVLM-256M-Instruct): its own vision, projector and chat "
+                            "template, + FIM tokens, the AGR sentence and LoRA on its language model")
     which.add_argument("--llm", help="causal LM: hub id or folder (e.g. lmsys/vicuna-7b-v1.5)")
     p.add_argument("--vision", help="vision encoder: hub id or folder (e.g. openai/clip-vit-large-patch14-336)")
     p.add_argument("--prior", help="face prior network (default: the FER2013 mini-Xception)")
     p.add_argument("--eva", help="LLaMA-VID: the EVA-ViT-g weights file (default: its mm_vision_tower)")
     p.add_argument("--bert", help="LLaMA-VID: the Q-Former's BERT tokenizer (default: bert-base-uncased)")
     p.add_argument("--processor", help="LLaMA-VID: the CLIP image processor folder (default: its image_processor)")
-    p.add_argument("--no-fim", action="store_true", help="LLaMA-VID: leave Face Info Mining out")
-    p.add_argument("--no-agr", action="store_true", help="LLaMA-VID: no age/gender/race sentence")
+    p.add_argument("--no-fim", action="store_true", help="LLaMA-VID / VLM: leave Face Info Mining out")
+    p.add_argument("--no-agr", action="store_true", help="LLaMA-VID / VLM: no age/gender/race sentence")
     p.add_argument("--version", default=None, help="version name recorded in the checkpoint")
     p.add_argument("--out", required=True, help="checkpoint folder to write")
     p.add_argument("--json", action="store_true")
@@ -80,6 +86,11 @@ def build_model_command(args: argparse.Namespace) -> int:
             for key in report["unknown"]:
                 print(f"  not converted (unknown key): {key}")
         return 0
+    elif getattr(args, "from_vlm", None):
+        from core.model.vlm import build_vlm_checkpoint
+
+        out = build_vlm_checkpoint(args.from_vlm, args.out, fim=not args.no_fim, agr=not args.no_agr,
+                                   version=args.version)
     else:
         if not args.vision:
             raise UserError("--llm needs --vision too (a CLIP/SigLIP encoder id or folder)")
@@ -88,9 +99,13 @@ def build_model_command(args: argparse.Namespace) -> int:
     from core.model.config import EmoLlamaConfig
 
     config = EmoLlamaConfig.load(out)
-    summary = {"out": str(out), "version": config.version, "is_tiny": config.is_tiny,
-               "tokens_per_image": config.visual_token_budget(1),
-               "tokens_per_16_frame_video": config.visual_token_budget(16)}
+    summary = {"out": str(out), "version": config.version, "is_tiny": config.is_tiny}
+    if config.vlm:  # the base's own image tokens: their count depends on the image (tiling)
+        summary.update(vlm=config.vlm, fim=config.use_fim, agr=config.use_agr,
+                       face_tokens=config.face_tokens if config.use_fim else 0)
+    else:
+        summary.update(tokens_per_image=config.visual_token_budget(1),
+                       tokens_per_16_frame_video=config.visual_token_budget(16))
     if args.json:
         print(json.dumps(summary, indent=2))
     else:

@@ -12,6 +12,7 @@ from core.model.recipe import DEFAULT_CATEGORY_PHRASING, DEFAULT_CONVERSATION_PH
 from core.priors import DEFAULT_PRIOR
 
 CONFIG_NAME = "config.json"
+ZERO_SHOT = "zero-shot:"  # a version spec "zero-shot:ID": the released VLM ID as it is (core/model/vlm.py)
 MODEL_TYPE = "emo-llama"
 
 
@@ -75,6 +76,10 @@ class EmoLlamaConfig:
 
     # LLM weights inside a GGUF file of the `llm` folder (transformers' gguf_file=).
     llm_gguf_file: str = ""
+    # A released vision-language model as the base (core/model/vlm.py): its hub id or folder;
+    # "" = the LLaMA-VID path above. `zero_shot`: that VLM as released (no FIM, no LoRA).
+    vlm: str = ""
+    zero_shot: bool = False
     version: str = "base"                   # the model version name shown in every answer
     parent_version: str | None = None
     is_tiny: bool = False                   # a test fixture, never a trained model
@@ -136,3 +141,9 @@ def local_or_hub(name_or_path: str | Path, what: str, error: type[Exception]) ->
     except Exception as exc:
         raise error(f"{name_or_path}: cannot fetch from the Hugging Face hub "
                     f"({type(exc).__name__}); pass a local folder instead") from None
+
+
+def zero_shot_id(spec) -> str | None:
+    """"zero-shot:ID" -> "ID"; None for any other spec."""
+    spec = str(spec)
+    return spec[len(ZERO_SHOT):] if spec.startswith(ZERO_SHOT) else None

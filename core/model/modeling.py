@@ -35,6 +35,7 @@ from torch import nn
 
 from core.errors import ModelLoadError
 from core.model.config import EmoLlamaConfig, resolve_checkpoint
+from core.model.decoding import DecodeBatch, Prefill
 from core.model.face_mining import FaceInfoMining
 from core.model.prompt import split_prompt
 from core.model.vision import EVA_MODEL_TYPES, FrameTokens, encoder_features, load_vision_encoder, patch_grid
@@ -456,12 +457,28 @@ class EmoLlama(nn.Module):
               generator: torch.Generator | None) -> torch.Tensor:
         if not do_sample:
             return logits.argmax(-1)
-        probs = (logits.float() / max(temperature, 1e-5)).softmax(-1)
-        if top_p < 1.0:  # nucleus: keep the smallest set of tokens whose mass reaches top_p
-            sorted_probs, order = probs.sort(-1, descending=True)
-            outside = sorted_probs.cumsum(-1) - sorted_probs > top_p
-            probs = probs.scatter(-1, order, sorted_probs.masked_fill(outside, 0.0))
-        return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+        from transformers import TemperatureLogitsWarper, TopPLogitsWarper
+
+        scores = TemperatureLogitsWarper(max(temperature, 1e-5))(None, logits.float())
+        if top_p < 1.0:  # nucleus: the smallest set of tokens whose mass reaches top_p
+            scores = TopPLogitsWarper(top_p)(None, scores)
+        return torch.multinomial(scores.softmax(-1), 1, generator=generator).squeeze(-1)
+
+    def prefill(self, batch: list[EmoInput]) -> Prefill:
+        """Decoding hook: the prompts in one left-padded pass, with what decoding goes on from
+        (core/model/decoding.py). Positions count real tokens only, as in `_run`; a subclass
+        with other position ids overrides this and `decode`."""
+        embeds, mask = self._left_pad(self.batch_prompt_embeddings(batch))
+        out = self._run(embeds, mask, use_cache=True, logits_to_keep=1)
+        return Prefill(out.logits[:, -1], out.cache, mask, mask.sum(-1, keepdim=True) - 1)
+
+    def decode(self, next_ids: torch.Tensor, cache, mask: torch.Tensor,
+               positions: torch.Tensor) -> torch.Tensor:
+        """Decoding hook: one token per row at `positions` (R, 1); returns the next logits (R, V)
+        and grows `cache` in place."""
+        out = self._call_llm(input_ids=next_ids[:, None], attention_mask=mask, position_ids=positions,
+                             cache=cache, use_cache=True)
+        return out.logits[:, -1]
 
     @torch.no_grad()
     def generate(self, batch: list[EmoInput], max_new_tokens: int | None = None,
@@ -472,52 +489,18 @@ class EmoLlama(nn.Module):
         i's new text; `is_active(i)` false stops request i early (a client that went away).
 
         Requests that finish or are cancelled leave the batch (and its KV cache) at once, so the
-        others do not pay for them.
+        others do not pay for them. The engine drives the same decoder (DecodeBatch) itself, so
+        that requests can also join a batch that is already decoding.
         """
-        max_new_tokens = max_new_tokens or self.config.max_new_tokens
-        stop = self.stop_token_ids()
         generator = None
         if do_sample and seed is not None:
             generator = torch.Generator(device=self.device).manual_seed(seed)
-        embeds, mask = self._left_pad(self.batch_prompt_embeddings(batch))
-        out = self._run(embeds, mask, use_cache=True, logits_to_keep=1)
-        positions = mask.sum(-1, keepdim=True) - 1
-        rows = list(range(len(batch)))          # the request each batch row belongs to
-        tokens: list[list[int]] = [[] for _ in batch]
-        texts = [""] * len(batch)
-
-        def emit(i: int, text: str) -> None:
-            if on_text and text != texts[i]:
-                on_text(i, text[len(texts[i]):] if text.startswith(texts[i]) else text)
-            texts[i] = text
-
-        for step in range(max_new_tokens):
-            next_ids = self._pick(out.logits[:, -1], do_sample, temperature, top_p, generator)
-            keep = []
-            for row, (i, token) in enumerate(zip(rows, next_ids.tolist())):
-                if (is_active and not is_active(i)) or token in stop:
-                    continue
-                tokens[i].append(token)
-                text = self.tokenizer.decode(tokens[i], skip_special_tokens=True)
-                if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
-                    emit(i, text)
-                keep.append(row)
-            if not keep or step == max_new_tokens - 1:
-                break
-            cache = out.cache
-            if len(keep) < len(rows):
-                index = torch.tensor(keep, device=self.device)
-                cache.batch_select_indices(index)
-                mask, positions, next_ids = mask[index], positions[index], next_ids[index]
-                rows = [rows[r] for r in keep]
-            mask = torch.cat([mask, mask.new_ones(len(rows), 1)], dim=1)
-            positions = positions + 1
-            out = self._call_llm(input_ids=next_ids[:, None], attention_mask=mask,
-                                 position_ids=positions, cache=cache, use_cache=True)
-        finals = [self.tokenizer.decode(t, skip_special_tokens=True) for t in tokens]
-        for i, text in enumerate(finals):
-            emit(i, text)
-        return [text.strip() for text in finals]
+        decoder = DecodeBatch(self, do_sample=do_sample, temperature=temperature, top_p=top_p,
+                              generator=generator)
+        rows = decoder.add(batch, max_new_tokens=max_new_tokens, on_text=on_text, is_active=is_active)
+        while decoder:
+            decoder.step()
+        return [row.answer for row in rows]
 
     # ------------------------------------------------------------------ saving / loading
     def save_pretrained(self, folder: str | Path, version: str | None = None) -> Path:
@@ -559,6 +542,11 @@ class EmoLlama(nn.Module):
         bitsandbytes (when installed) to fit a smaller GPU, the rest stays in `dtype`."""
         folder = resolve_checkpoint(name_or_path)
         config = _load_config(folder, name_or_path)
+        if config.vlm and cls is EmoLlama:  # a checkpoint on a released VLM (core/model/vlm.py)
+            from core.model.vlm import VlmEmoLlama
+
+            return VlmEmoLlama.from_pretrained(folder, device=device, dtype=dtype, trainable=trainable,
+                                               quantization=quantization)
         try:
             model = cls.from_parts(config, folder, trainable=trainable, dtype=dtype,
                                    quantization=quantization, device=device)

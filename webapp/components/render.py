@@ -120,6 +120,7 @@ def mode_banner(info: dict | None) -> str:
     note = html.escape(str(info.get("note") or ""))
     note = re.sub(r"`([^`]+)`", r"<code>\1</code>", note)
     title, css = {"prior-only": ("Prior-only mode", "emo-banner-warn"),
+                  "zero-shot": ("Zero-shot", "emo-banner-warn"),
                   "tiny-test-fixture": ("Tiny test fixture", "emo-banner-danger")}.get(
         mode, ("EMO-LLaMA", "emo-banner-ok"))
     body = note or f"Serving model version <b>{version}</b>."
@@ -127,6 +128,7 @@ def mode_banner(info: dict | None) -> str:
 
 
 MODE_BADGES = {"prior-only": " <span class='emo-badge emo-badge-warn'>prior-only mode</span>",
+               "zero-shot": " <span class='emo-badge emo-badge-warn'>zero-shot</span>",
                "tiny-test-fixture": " <span class='emo-badge emo-badge-danger'>tiny test "
                                     "fixture</span>"}
 
