@@ -33,7 +33,7 @@ from db.models import ROLES
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("import", help="import a FER dataset (re-running adds only new files)")
     p.add_argument("path", help="the dataset's folder (a CSV file for --format csv or fer2013)")
-    p.add_argument("--format", required=True, choices=FORMATS, dest="fmt")
+    p.add_argument("--format", required=True, choices=list(FORMATS), dest="fmt")
     p.add_argument("--name", help="dataset name (default: the format, or the folder/CSV name)")
     p.add_argument("--fold", type=int, default=1,
                    help="DFEW/MAFW: the fold whose test list becomes split 'test' (default 1)")

@@ -1,4 +1,5 @@
-"""`python app.py finetune ...`, `python app.py evaluate ...`, `python app.py versions ...`."""
+"""`python app.py finetune ...`, `python app.py evaluate ...`, `python app.py table ...`,
+`python app.py versions ...`."""
 from __future__ import annotations
 
 import argparse
@@ -48,6 +49,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     p.add_argument("--json", action="store_true")
     p.set_defaults(handler=evaluate_command)
+
+    p = subparsers.add_parser("table", help="versions side by side: UAR/WAR per dataset, as "
+                                            "papers print them")
+    p.add_argument("--versions", required=True,
+                   help="comma-separated: prior-only, version names, checkpoint folders, zero-shot:ID")
+    p.add_argument("--dataset", required=True, help="comma-separated dataset names")
+    p.add_argument("--split", default="test", choices=["train", "val", "test"])
+    p.add_argument("--frames", type=int, default=None,
+                   help="frames per video (default: each model's config.json num_frames)")
+    p.add_argument("--out", help="folder for table.md, table.png, table.json "
+                                 "(default <data dir>/reports/tables/<time>)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(handler=table_command)
 
     p = subparsers.add_parser("versions", help="list, publish or roll back model versions")
     p.add_argument("action", choices=["list", "publish", "rollback", "register"])
@@ -166,6 +180,12 @@ def evaluate_command(args: argparse.Namespace) -> int:
     if result.get("skipped"):
         print(f"skipped: {len(result['skipped'])} (unreadable or off-label; in --json)")
     return 0
+
+
+def table_command(args: argparse.Namespace) -> int:
+    from annotation.table import table_command as run
+
+    return run(args)
 
 
 def versions_command(args: argparse.Namespace) -> int:

@@ -227,7 +227,7 @@ def evaluate_version(name_or_folder: str, dataset: str, split: str = "test", url
     def flush() -> None:
         with torch.inference_mode():  # raw: the per-option log-likelihoods, at T = 1
             scores = model.score_labels([p[1] for p in pending], labels, raw=True)
-        for (sample_id, _, label, media, faces), s in zip(pending, scores):
+        for (sample_id, _, label, prepared), s in zip(pending, scores):
             rows, truth_idx = scored["fit" if sample_id in fit_ids else "eval"]
             rows.append([s[x] for x in labels])
             truth_idx.append(labels.index(label))
@@ -236,7 +236,8 @@ def evaluate_version(name_or_folder: str, dataset: str, split: str = "test", url
             truth.append(label)
             predicted.append(max(s, key=s.get))
             if sample_id in accepted and len(rouge) < explanations:
-                x = model.prepare(media.frames, faces, conversation_question(media.kind, model.config))
+                # The category prompt's prepared media: no second image-processor or vision pass.
+                x = model.prepare(prepared, [], conversation_question(prepared.kind, model.config))
                 (text,) = model.generate([x])
                 rouge.append(rouge_l(text, accepted[sample_id]))
         pending.clear()
@@ -256,9 +257,12 @@ def evaluate_version(name_or_folder: str, dataset: str, split: str = "test", url
         faces = [analyzer.analyze(frame, aligned=aligned) for frame in media.frames]
         if sample_id not in fit_ids and not any(faces):
             no_face.append(label)
-        pending.append((sample_id, model.prepare(media.frames, faces,
+        # Prepared once (as core/engine.py `_preprocess` does): the category prompt and, for
+        # ROUGE-L, the conversation prompt share one image-processor pass and one vision pass.
+        prepared = model.prepare_media(media.frames, faces)
+        pending.append((sample_id, model.prepare(prepared, faces,
                                                  category_question(labels, media.kind, model.config)),
-                        label, media, faces))
+                        label, prepared))
         if sample_id not in fit_ids:
             evaluated.append([sample_id, label])
         if len(pending) >= batch_size:

@@ -18,7 +18,6 @@ never left "running". One job trains at a time: this machine has one device to t
 """
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import re
@@ -109,12 +108,10 @@ class TrainOptions:
 def _one_at_a_time():
     """Makes "no job is active -> make one active" atomic, across threads (the web app) and
     processes (the web app and a CLI run side by side): a lock file next to the jobs."""
-    with _thread_lock, open(data_dir() / "jobs.lock", "w") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+    from filelock import FileLock
+
+    with _thread_lock, FileLock(data_dir() / "jobs.lock"):
+        yield
 
 
 def job_dir(job_id: int) -> Path:
@@ -296,6 +293,8 @@ def _recent_events(path: Path, size: int = 65536) -> list[dict]:
 def _alive(pid: int | None, marker: bytes = b"finetune") -> bool:
     """Is `pid` a live job process whose command line holds `marker` (not a zombie, not an
     unrelated process that got the pid after a reboot)?"""
+    import psutil
+
     if not pid:
         return False
     try:
@@ -304,17 +303,14 @@ def _alive(pid: int | None, marker: bytes = b"finetune") -> bool:
     except ChildProcessError:
         pass
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:
-        if Path(f"/proc/{pid}/stat").read_text().split()[2] == "Z":
+        process = psutil.Process(pid)
+        if process.status() == psutil.STATUS_ZOMBIE:
             return False
-        return marker in Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return True  # no /proc: trust kill(0)
+        return marker.decode() in " ".join(process.cmdline())
+    except (psutil.NoSuchProcess, psutil.ZombieProcess):
+        return False
+    except psutil.AccessDenied:
+        return True  # a process we may not inspect exists all the same
 
 
 def _last_error(job_id: int) -> str | None:
@@ -375,10 +371,10 @@ def _first_total_steps(job_id: int, url: str | None, recent: list[dict]) -> int 
     return start.get("total_steps")
 
 
-def list_jobs(url: str | None = None) -> list[dict]:
-    """Every job, newest first, as job_status gives it."""
+def list_jobs(url: str | None = None, limit: int | None = None) -> list[dict]:
+    """Every job (the newest `limit`), newest first, as job_status gives it."""
     with session_scope(url) as s:
-        ids = list(s.scalars(select(FinetuneJob.id).order_by(FinetuneJob.id.desc())))
+        ids = list(s.scalars(select(FinetuneJob.id).order_by(FinetuneJob.id.desc()).limit(limit)))
     return [job_status(i, url) for i in ids]
 
 

@@ -1,9 +1,11 @@
-"""Long jobs other than fine-tuning: import, Gemini generation, evaluation, export.
+"""Long jobs other than fine-tuning: import, Gemini generation, evaluation, export, and the
+comparison table of several versions (annotation/table.py).
 
     python -m annotation.jobs start import '{"fmt": "folder", "path": "/data/faces", "name": "faces"}'
+    python -m annotation.jobs start table '{"versions": ["prior-only", "v3"], "datasets": ["rafdb"]}'
     python -m annotation.jobs status 3 [--json]
     python -m annotation.jobs cancel 3
-    python -m annotation.jobs list
+    python -m annotation.jobs list          # fine-tune jobs too (kind "finetune", id ft-N)
 
     from annotation.jobs import start_job, job_status, cancel_job
     job = start_job("import", {"fmt": "folder", "path": "/data/faces"})   # returns at once
@@ -40,18 +42,25 @@ from db.models import Job
 from db.session import data_dir, session_scope
 
 ROOT = Path(__file__).resolve().parents[1]
-KINDS = ("import", "generate", "evaluate", "export")
+KINDS = ("import", "generate", "evaluate", "export", "table")
 ACTIVE = ("queued", "running")
 FINAL = {"done": "done", "error": "failed", "cancelled": "cancelled"}
 QUEUED_GRACE_S = 120           # a queued job with no process after this long never started
+SETTLE_GRACE_S = 2.0           # how long a job that looks gone unfinished is looked at again
 PROGRESS_EVERY_S = 0.25        # progress lines at most this often (a 400k import stays small)
 ARGS = {"import": {"fmt", "path", "name", "fold", "label_set", "min_submitted", "split", "aligned",
                    "confined"},
         "generate": {"dataset", "limit", "model", "retry_rejected", "frames"},
         "evaluate": {"version", "dataset", "split", "num_frames"},
-        "export": {"dataset", "out", "include_suggestions"}}
+        "export": {"dataset", "out", "include_suggestions"},
+        "table": {"versions", "datasets", "split", "out", "num_frames"}}
 REQUIRED = {"import": ("fmt", "path"), "generate": ("dataset",), "evaluate": ("version", "dataset"),
-            "export": ("dataset",)}
+            "export": ("dataset",), "table": ("versions", "datasets")}
+# Jobs that must not run twice at once: two Gemini runs over one dataset would pay for the same
+# records twice; evaluations (a table is several) each load a model on the one device.
+EXCLUSIVE = {"generate": ("generate",), "evaluate": ("evaluate", "table"),
+             "table": ("evaluate", "table")}
+_start_lock = threading.Lock()
 
 
 def _now() -> datetime:
@@ -78,18 +87,35 @@ def _check_args(kind: str, args: dict | None) -> dict:
     return args
 
 
+def _busy(kind: str, args: dict, url: str | None) -> None:
+    """Refuse a job that would run beside one it must not run beside (EXCLUSIVE)."""
+    others = EXCLUSIVE.get(kind)
+    if not others:
+        return
+    with session_scope(url) as s:
+        active = list(s.scalars(select(Job).where(Job.kind.in_(others), Job.status.in_(ACTIVE))))
+        for job in active:
+            if kind == "generate" and (job.args or {}).get("dataset") != args["dataset"]:
+                continue
+            what = "a Gemini run over this dataset" if kind == "generate" else "an evaluation"
+            raise UserError(f"{what} is already running (job {job.id}); follow it in the Jobs tab "
+                            f"or cancel it first")
+
+
 # ====================================================================== starting
 
 def start_job(kind: str, args: dict | None = None, url: str | None = None) -> int:
     """Create a job row and start its subprocess; returns the job id at once."""
     args = _check_args(kind, args)
     recover_jobs(url)
-    with session_scope(url) as s:
-        job = Job(kind=kind, args=args, status="queued")
-        s.add(job)
-        s.flush()
-        job_id = job.id
-        job.log_path = str(job_dir(job_id) / "events.jsonl")
+    with _start_lock:   # the check and the new row together (one web process starts most jobs)
+        _busy(kind, args, url)
+        with session_scope(url) as s:
+            job = Job(kind=kind, args=args, status="queued")
+            s.add(job)
+            s.flush()
+            job_id = job.id
+            job.log_path = str(job_dir(job_id) / "events.jsonl")
     env = dict(os.environ)
     if url:
         env["EMO_DB_URL"] = url
@@ -168,16 +194,20 @@ def _effective(job: Job, url: str | None = None) -> tuple[str, dict | None, str 
         # the final line the process wrote (and committed to the row) just before it exited.
         events = _recent_events(job_dir(job.id) / "events.jsonl")
         final = next((e for e in reversed(events) if e.get("event") in FINAL), None)
-        if final is None:
-            # Seen once under load in the web server: a finished job looked dead with no final
-            # line. Before calling it failed, look again a moment later (row and log).
-            time.sleep(0.3)
+        deadline = time.monotonic() + SETTLE_GRACE_S
+        while final is None and time.monotonic() < deadline:
+            # Seen under load in the web server (twice in this container): a job that went on to
+            # finish looked gone with no final line. Before calling it failed, look again for a
+            # moment: the row settled, the final line written, or the process there after all.
+            time.sleep(0.25)
             with session_scope(url) as fresh:
                 row = fresh.get(Job, job.id)
                 if row is not None and row.status not in ACTIVE:
                     return row.status, row.result, row.error
             events = _recent_events(job_dir(job.id) / "events.jsonl")
             final = next((e for e in reversed(events) if e.get("event") in FINAL), None)
+            if final is None and _alive(job.pid):
+                return job.status, job.result, job.error
         return _settled(job, final)
     return job.status, job.result, job.error
 
@@ -209,6 +239,79 @@ def list_jobs(limit: int = 50, url: str | None = None) -> list[dict]:
     with session_scope(url) as s:
         ids = list(s.scalars(select(Job.id).order_by(Job.id.desc()).limit(limit)))
     return [job_status(i, url) for i in ids]
+
+
+def latest_job(kind: str, url: str | None = None) -> dict | None:
+    """The newest job of a kind (what a tab shows again after a reload), or None."""
+    with session_scope(url) as s:
+        job_id = s.scalar(select(Job.id).where(Job.kind == kind).order_by(Job.id.desc()).limit(1))
+    return None if job_id is None else job_status(job_id, url)
+
+
+# Fine-tune jobs (annotation/finetune.py, table finetune_jobs) have their own id sequence: in the
+# one list of every job they are "ft-<id>", and their own module follows and cancels them.
+FINETUNE_PREFIX = "ft-"
+
+
+def parse_job_ref(ref: str | int | float | None) -> tuple[str, int]:
+    """("job", 12) for "12" or 12, ("finetune", 7) for "ft-7"; a UserError for anything else."""
+    text = str(ref if ref is not None else "").strip().lower()
+    kind = "finetune" if text.startswith(FINETUNE_PREFIX) else "job"
+    number = text[len(FINETUNE_PREFIX):] if kind == "finetune" else text
+    try:
+        value = float(number)
+    except ValueError:
+        value = -1.0
+    if not value.is_integer() or value < 1:
+        raise UserError("Enter a job number (e.g. 12, or ft-3 for a fine-tune).")
+    return kind, int(value)
+
+
+def finetune_as_job(status: dict) -> dict:
+    """A fine-tune job's status (annotation.finetune.job_status) in the shape job_status gives:
+    kind "finetune", ref "ft-<id>", progress = step/total steps."""
+    return {"id": status["id"], "ref": f"{FINETUNE_PREFIX}{status['id']}", "kind": "finetune",
+            "args": {"snapshot": status.get("snapshot_id")}, "status": status["status"],
+            "done": status.get("step") or 0, "total": status.get("total_steps"), "stage": "train",
+            "result": ({"version": status.get("version"), "published": status.get("published"),
+                        "metrics": status.get("metrics") or {}} if status.get("version") else None),
+            "error": status.get("error"), "pid": status.get("pid"), "log_path": status.get("log_path"),
+            "created_at": status.get("created_at"), "started_at": None, "finished_at": None}
+
+
+def any_job_status(ref: str | int, url: str | None = None) -> dict:
+    """job_status of "12", or of fine-tune "ft-7" (as finetune_as_job)."""
+    kind, number = parse_job_ref(ref)
+    if kind == "job":
+        return {**job_status(number, url), "ref": str(number)}
+    from annotation import finetune
+    from db.models import FinetuneJob
+
+    with session_scope(url) as s:
+        if s.get(FinetuneJob, number) is None:   # finetune.job_status assumes the row exists
+            raise UserError(f"no fine-tune job {number}")
+    return finetune_as_job(finetune.job_status(number, url))
+
+
+def cancel_any_job(ref: str | int, url: str | None = None) -> dict:
+    """cancel_job of "12"; "ft-7" through annotation/finetune.py's own cancel (the trainer saves
+    a partial checkpoint first)."""
+    kind, number = parse_job_ref(ref)
+    if kind == "job":
+        return {**cancel_job(number, url), "ref": str(number)}
+    from annotation import finetune
+
+    return finetune_as_job(finetune.cancel_job(number, url))
+
+
+def list_all_jobs(limit: int = 50, url: str | None = None) -> list[dict]:
+    """Every kind of job, fine-tunes included, newest first (by creation time)."""
+    from annotation import finetune
+
+    rows = [{**r, "ref": str(r["id"])} for r in list_jobs(limit, url)]
+    rows += [finetune_as_job(r) for r in finetune.list_jobs(url, limit=limit)]
+    rows.sort(key=lambda r: r["created_at"] or "", reverse=True)
+    return rows[:limit]
 
 
 def recover_jobs(url: str | None = None) -> list[dict]:
@@ -268,6 +371,7 @@ class _Cancelled(BaseException):
 
 class _Log:
     def __init__(self, job_id: int):
+        self.job_id = job_id
         self.path = job_dir(job_id) / "events.jsonl"
         self.last = 0.0
         self.lock = threading.Lock()   # generation reports from worker threads
@@ -329,6 +433,18 @@ def _run_evaluate(args: dict, url: str | None, log: _Log) -> dict:
                             progress=lambda done, total: log.progress(done, total, "evaluate"))
 
 
+def _run_table(args: dict, url: str | None, log: _Log) -> dict:
+    from annotation.table import compare_versions
+
+    # Its files go to the job's own folder unless the job names one.
+    return compare_versions(args["versions"], args["datasets"], args.get("split", "test"), url=url,
+                            out=args.get("out") or job_dir(log.job_id) / "table",
+                            num_frames=args.get("num_frames"),
+                            # A cell is seconds to hours: every one is worth a line.
+                            progress=lambda done, total, stage: log.progress(done, total, stage,
+                                                                             force=True))
+
+
 def _run_export(args: dict, url: str | None, log: _Log) -> dict:
     from annotation.export import export_dataset
 
@@ -337,7 +453,7 @@ def _run_export(args: dict, url: str | None, log: _Log) -> dict:
 
 
 RUNNERS = {"import": _run_import, "generate": _run_generate, "evaluate": _run_evaluate,
-           "export": _run_export}
+           "export": _run_export, "table": _run_table}
 
 
 def run(job_id: int, url: str | None = None) -> int:
@@ -379,7 +495,8 @@ def run(job_id: int, url: str | None = None) -> int:
 
 def _format(status: dict) -> str:
     total = f"/{status['total']}" if status["total"] else ""
-    line = f"job {status['id']} ({status['kind']}): {status['status']}, {status['done']}{total}"
+    line = (f"job {status.get('ref', status['id'])} ({status['kind']}): {status['status']}, "
+            f"{status['done']}{total}")
     if status["error"]:
         line += f"\n  error: {status['error']}"
     return line
@@ -397,7 +514,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", action="store_true")
     for name in ("status", "cancel"):
         p = actions.add_parser(name)
-        p.add_argument("job_id", type=int)
+        p.add_argument("job_id", help="a job number, or ft-N for fine-tune job N")
         p.add_argument("--json", action="store_true")
     p = actions.add_parser("list")
     p.add_argument("--json", action="store_true")
@@ -419,11 +536,11 @@ def main(argv: list[str] | None = None) -> int:
             result: Any = wait_for_job(job_id) if args.wait else job_status(job_id)
         elif args.action == "status":
             recover_jobs()
-            result = job_status(args.job_id)
+            result = any_job_status(args.job_id)
         elif args.action == "cancel":
-            result = cancel_job(args.job_id)
+            result = cancel_any_job(args.job_id)
         else:
-            result = list_jobs()
+            result = list_all_jobs()
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -239,3 +239,81 @@ def test_the_jobs_api_of_the_launched_app(studio):  # noqa: F811
     table, _text = client.predict(ada, api_name="/list_jobs")
     kinds = {(row[1], row[2]) for row in table["data"]}
     assert ("import", "done") in kinds and ("evaluate", "done") in kinds
+
+
+# A stand-in for the trainer (annotation/train.py) as annotation/finetune.py sees it: a process
+# whose command line says "finetune", logging steps, logging "cancelled" on SIGTERM and exiting.
+FAKE_TRAINER = """
+import json, signal, sys, time
+log = sys.argv[1]
+def write(event):
+    with open(log, "a") as f:
+        f.write(json.dumps(event) + "\\n")
+def stop(signum, frame):
+    write({"event": "cancelled", "step": 3})
+    sys.exit(3)
+signal.signal(signal.SIGTERM, stop)
+write({"event": "start", "total_steps": 10})
+write({"event": "step", "step": 3, "total_steps": 10, "loss": 1.5})
+time.sleep(120)
+"""
+
+
+def test_a_finetune_job_is_listed_followed_and_cancelled_with_the_others(store):
+    from db.models import FinetuneJob
+    from webapp.components.jobs import jobs_frame
+
+    root, url = store
+    import_id = jobs.start_job("import", {"fmt": "folder", "path": str(root / "missing")}, url)
+    wait(import_id, url, ended)
+    log = root / "ft-events.jsonl"
+    trainer = subprocess.Popen([sys.executable, "-c", FAKE_TRAINER, str(log), "finetune"])
+    try:
+        with session_scope(url) as s:
+            row = FinetuneJob(status="running", pid=trainer.pid, log_path=str(log))
+            s.add(row)
+            s.flush()
+            ft = row.id
+        deadline = time.monotonic() + 30
+        while not (log.exists() and "step" in log.read_text()) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        listed = jobs.list_all_jobs(url=url)
+        assert [(r["ref"], r["kind"]) for r in listed] == [(f"ft-{ft}", "finetune"),
+                                                            (str(import_id), "import")]
+        assert (listed[0]["status"], listed[0]["done"], listed[0]["total"]) == ("running", 3, 10)
+        table = jobs_frame(listed)
+        assert list(table.iloc[0, :4]) == [f"ft-{ft}", "finetune", "running", "3/10 (30%)"]
+        assert jobs.any_job_status(f"FT-{ft}", url)["status"] == "running"
+
+        # The CLI lists and cancels it like any job; the fake trainer logs "cancelled" on SIGTERM.
+        env = {**os.environ, "EMO_DB_URL": url}
+        listing = subprocess.run([sys.executable, "-m", "annotation.jobs", "list"], cwd=REPO, env=env,
+                                 capture_output=True, text=True, timeout=60)
+        assert f"job ft-{ft} (finetune): running, 3/10" in listing.stdout, listing.stderr
+        jobs.cancel_any_job(f"ft-{ft}", url)
+        trainer.wait(timeout=30)
+        status = jobs.any_job_status(f"ft-{ft}", url)   # the process is gone: settled from its log
+        assert status["status"] == "cancelled", status
+        with pytest.raises(UserError, match="is cancelled, not running"):
+            jobs.cancel_any_job(f"ft-{ft}", url)
+        for bad in ("ft-", "x", "0", "1.5"):
+            with pytest.raises(UserError, match="Enter a job number"):
+                jobs.any_job_status(bad, url)
+        with pytest.raises(UserError, match="no fine-tune job 99"):
+            jobs.any_job_status("ft-99", url)
+    finally:
+        trainer.kill()
+        trainer.wait()
+
+
+def test_one_evaluation_and_one_gemini_run_per_dataset_at_a_time(store):
+    _, url = store
+    with session_scope(url) as s:   # as if started a moment ago, its process still coming up
+        s.add(Job(kind="evaluate", args={"version": "v1", "dataset": "a"}, status="queued"))
+        s.add(Job(kind="generate", args={"dataset": "a"}, status="queued"))
+    with pytest.raises(UserError, match="an evaluation is already running"):
+        jobs.start_job("table", {"versions": ["v1"], "datasets": ["a"]}, url)
+    with pytest.raises(UserError, match="a Gemini run over this dataset is already running"):
+        jobs.start_job("generate", {"dataset": "a"}, url)
+    other = jobs.start_job("generate", {"dataset": "b"}, url)   # another dataset: it starts
+    assert wait(other, url, ended)["status"] == "failed"         # (no dataset b in this store)

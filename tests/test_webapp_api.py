@@ -908,3 +908,76 @@ def test_web_imports_are_confined_to_the_import_folders_and_never_echo_secrets(s
         rows = s.scalars(select(Sample).join(Dataset).where(Dataset.name == "flat")).all()
         assert len(rows) == 3 and {(r.split, r.meta["aligned"]) for r in rows} == {("test", True)}
     dispose_engine(studio.db_url)
+
+
+# ------------------------------------------------------------------------- issue 16 (helper jobs)
+
+def _poll_until(poll, rendered: int, timeout_s: float = 180.0) -> tuple:
+    """Tick a tab's timer handler (`poll(seen)`) until output `rendered` is sent; its outputs."""
+    import gradio as gr
+
+    seen, deadline = None, time.monotonic() + timeout_s
+    while True:
+        out = poll(seen)
+        seen = out[-1]
+        if not (isinstance(out[rendered], dict) and out[rendered] == gr.skip()):
+            return out
+        assert time.monotonic() < deadline, out
+        time.sleep(0.3)
+
+
+def test_the_data_and_finetune_buttons_start_jobs_that_a_reload_follows_again(token_store, tmp_path):
+    """The Data tab's Import and the Fine-tune tab's Compare return a job number at once; the
+    timer shows the result when done, once; after a reload the tab finds the job again and
+    draws its result from the store."""
+    import gradio as gr
+
+    from annotation.users import add_user
+    from webapp import auth
+    from webapp.components import data as tab
+    from webapp.components import finetune as ft_tab
+
+    add_user("ada", "admin", "ada-admin-pass", url=token_store)
+    token = auth.login("ada", "ada-admin-pass")
+    folder = _face_dataset(tmp_path / "imports" / "tabbed")   # inside the data dir: allowed
+    job_id, line, cleared = tab.start_import(token, "folder", str(folder), "tabbed", "auto", "auto")
+    assert f"Import job **#{job_id}**" in line and cleared == ""
+    out = _poll_until(lambda seen: tab.poll(token, job_id, None, None, seen), rendered=1)
+    assert "**done**" in out[0] and "5 added" in out[1]
+    assert dict(zip(out[3]["split"], out[3]["samples"])) == {"train": 3, "test": 2}
+    assert out[5:10] == (gr.skip(),) * 5                      # no generate / export job yet
+    assert tab.poll(token, job_id, None, None, out[-1]) == (gr.skip(),) * 10 + (out[-1],)
+
+    restored = tab.restore(token)                             # a reload of the page
+    assert restored == (job_id, None, None, {})
+    again = tab.poll(token, *restored)
+    assert again[1] == out[1] and "**done**" in again[0]
+    assert tab.poll(None, job_id, None, None, None) == (gr.skip(),) * 11   # visitors: nothing
+    with pytest.raises(gr.Error, match="admin"):
+        tab.start_import(None, "folder", str(folder), "x")
+
+    table_job, line, _ = ft_tab.start_compare(token, ["prior-only", "nope"], ["tabbed"], "test")
+    assert f"Comparison job **#{table_job}**" in line
+    out = _poll_until(lambda seen: ft_tab.poll_jobs(token, None, table_job, seen), rendered=6)
+    assert out[6].startswith("| Model | tabbed UAR | tabbed WAR | Note |")
+    assert "| nope | — | — | error: " in out[6] and out[:5] == (gr.skip(),) * 5
+    assert ft_tab.restore_jobs(token) == (None, table_job, {})
+    with pytest.raises(gr.Error, match="at least one dataset"):
+        ft_tab.start_compare(token, ["prior-only"], [], "test")
+
+
+def test_the_video_strip_times_come_from_the_result_without_decoding(tmp_path):
+    """The Video tab draws on the engine's own frames; the captions' times are computed from
+    the result's media info, the same numbers core.media gives when it decodes."""
+    from core.media import load_video, probe_video
+    from webapp.components.video import frame_strip, frame_times
+
+    clip = write_video(tmp_path / "clip.mp4", face_frames(12), fps=6)
+    for n in (4, 8, 12, 20):
+        media = load_video(clip, num_frames=n)
+        info = {k: v for k, v in probe_video(clip).items() if k in ("frame_count", "fps")}
+        assert frame_times(info, len(media.frames)) == pytest.approx(media.meta["timestamps_s"])
+    strip = frame_strip(media.frames, frame_times(info, len(media.frames)),
+                        [{"frame": 1, "box": [1, 1, 20, 20], "landmarks": []}])
+    assert [c for _, c in strip[:3]] == ["frame 1 · 0.0 s · no face", "frame 2 · 0.2 s",
+                                         "frame 3 · 0.3 s · no face"]

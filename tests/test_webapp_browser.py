@@ -9,7 +9,6 @@ install`). With EMO_SCREENSHOTS=DIR set, the tests also save a screenshot of eac
 """
 from __future__ import annotations
 
-import importlib.util
 import os
 import re
 from pathlib import Path
@@ -204,8 +203,6 @@ def test_an_admin_adds_an_annotator_in_the_users_tab(page):
     screenshot(page, "users")
 
 
-@pytest.mark.skipif(importlib.util.find_spec("annotation.finetune") is None,
-                    reason="annotation/finetune.py (the fine-tune runner) is not written yet")
 def test_tiny_finetune_runs_to_the_end(page, studio):  # noqa: F811
     from playwright.sync_api import expect
 
@@ -234,6 +231,10 @@ def test_tiny_finetune_runs_to_the_end(page, studio):  # noqa: F811
     expect(page.locator("#finetune-curve").locator("canvas, svg").first).to_be_visible()
     expect(page.locator("#finetune-confusion img")).to_be_visible()
     screenshot(page, "finetune")
+    open_tab(page, "Jobs")   # one screen follows every job: the fine-tune is listed there too
+    row = page.locator("#jobs-table tr", has_text="finetune").first
+    expect(row).to_contain_text("succeeded")
+    expect(row).to_contain_text(re.compile(r"ft-\d+"))
 
 
 def test_an_import_job_survives_a_page_reload(page, studio):  # noqa: F811
@@ -259,3 +260,66 @@ def test_an_import_job_survives_a_page_reload(page, studio):  # noqa: F811
     expect(table).to_contain_text("reloaded")
     expect(table).to_contain_text("6 added", timeout=120_000)
     screenshot(page, "jobs")
+
+
+def test_a_data_tab_import_returns_at_once_and_a_reload_shows_it_finish(page, studio):  # noqa: F811
+    from playwright.sync_api import expect
+
+    from tests.media_files import face_photo, write_image
+
+    folder = studio.root / "data" / "imports" / "from-data-tab"
+    for i in range(4):
+        (folder / ["happy", "sad"][i % 2]).mkdir(parents=True, exist_ok=True)
+        write_image(folder / ["happy", "sad"][i % 2] / f"{i}.png", face_photo()[:300, 90 + i:390 + i])
+    sign_in(page, "ada")
+    open_tab(page, "Data")
+    page.locator("#data-import-path textarea, #data-import-path input").first.fill(str(folder))
+    page.locator("#data-import-name textarea, #data-import-name input").first.fill("from-data-tab")
+    page.locator("#data-import").click()
+    # The button answers with the job's number; the job runs in its own process.
+    expect(page.locator("#data-import-job")).to_contain_text(re.compile(r"Import job #\d+"))
+    page.reload()
+    expect(page.locator("#login-status")).to_contain_text("Signed in as ada")
+    open_tab(page, "Data")
+    expect(page.locator("#data-import-result")).to_contain_text("4 added", timeout=120_000)
+    expect(page.locator("#data-import-job")).to_contain_text("done")
+
+
+@pytest.fixture(scope="module")
+def zero_shot_app(tmp_path_factory):
+    """`python app.py serve --model zero-shot:FOLDER` on a tiny random LLaVA: a test fixture
+    served as a released VLM would be, without any EMO-LLaMA checkpoint."""
+    from core.model.vlm import build_tiny_vlm
+    from tests.test_webapp_api import served_app
+
+    root = tmp_path_factory.mktemp("zero-shot")
+    base = build_tiny_vlm(root / "tiny-llava", "llava")
+    env = {**os.environ, "EMO_DATA_DIR": str(root / "data"), "EMO_DB_URL": f"sqlite:///{root / 'z.db'}",
+           "EMO_SECRET_KEY": "test-secret-key", "GRADIO_TEMP_DIR": str(root / "gradio-tmp"),
+           "GRADIO_ANALYTICS_ENABLED": "False", "PYTHONUNBUFFERED": "1"}
+    from tests.media_files import face_photo, write_image
+
+    face = write_image(root / "face.jpg", face_photo())
+    with served_app(env, root / "server.log", "--model", f"zero-shot:{base}") as url:
+        yield url, base, face
+
+
+def test_a_zero_shot_vlm_answers_in_the_image_tab_under_its_name(browser, zero_shot_app):
+    from playwright.sync_api import expect
+
+    url, base, face = zero_shot_app
+    context = browser.new_context(viewport={"width": 1440, "height": 1000})
+    context.set_default_timeout(TIMEOUT_MS)
+    page = context.new_page()
+    try:
+        page.goto(url)
+        # The banner names what answers: the zero-shot VLM, labelled a test fixture.
+        expect(page.locator(".emo-banner")).to_contain_text(f"tiny-test-fixture:zero-shot:{base}")
+        page.locator("#image-input input[type=file]").set_input_files(str(face))
+        page.locator("#image-run").click()
+        expect(page.locator("#image-summary .emo-label")).to_have_text(re.compile(r"^[a-z]+$"))
+        expect(page.locator("#image-summary")).to_contain_text(f"zero-shot:{base}")
+        expect(page.locator("#image-summary")).to_contain_text("tiny test fixture")
+        expect(page.locator("#image-chart").locator("canvas, svg").first).to_be_visible()
+    finally:
+        context.close()

@@ -60,7 +60,7 @@ def build_app() -> gr.Blocks:
                 compare = create_compare_tab(token, concurrency)
             with gr.Tab("Annotate", id="annotate"):
                 annotate = create_annotate_tab(token, concurrency)
-            with gr.Tab("Data", id="data"):
+            with gr.Tab("Data", id="data") as data_tab:
                 data = create_data_tab(token)
             with gr.Tab("Fine-tune", id="finetune") as finetune_tab:
                 finetune = create_finetune_tab(token, banner)
@@ -78,10 +78,12 @@ def build_app() -> gr.Blocks:
                       api_visibility="private")
         if hf_oauth_enabled():  # a Hugging Face sign-in becomes a session token (then `access`)
             demo.load(hf_session, inputs=token, outputs=token, api_visibility="private")
-        # The Fine-tune and Users tabs fill their tables, for admins, on sign-in and when opened.
+        # The Data, Fine-tune, Jobs and Users tabs fill in, for admins, on sign-in and when opened
+        # (the Data and Fine-tune tabs follow their latest jobs again).
         on_load, on_change = demo.load(**access), token.change(**access)
         # The Compare tab's Blind A/B button follows the serving model (a swap may change it).
-        for tab, (fill_fn, fill_outputs) in ((finetune_tab, finetune["on_access"]),
+        for tab, (fill_fn, fill_outputs) in ((data_tab, data["on_access"]),
+                                             (finetune_tab, finetune["on_access"]),
                                              (jobs_tab, jobs["on_access"]),
                                              (users_tab, users["on_access"]),
                                              (compare_tab, compare["on_access"])):
@@ -274,8 +276,7 @@ def _restore_training_state(serve_published: bool) -> None:
     from annotation.jobs import recover_jobs as recover_other_jobs
     from annotation.versions import activate_in_engine, serving_version
 
-    recover_jobs()
-
+    recover_jobs()        # fine-tunes
     recover_other_jobs()  # imports, evaluations, exports a crash left "running"
     version = serving_version() if serve_published else None
     if version is not None:

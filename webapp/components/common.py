@@ -82,12 +82,13 @@ def explanation_text(result: dict, streamed: str = "") -> str:
     return f"(No explanation. {note})" if note else ""
 
 
-def stream_outputs(path: str, render: Callable[[dict], tuple], n_outputs: int,
+def stream_outputs(path: str, render: Callable[[dict, list], tuple], n_outputs: int,
                    **request: Any) -> Iterator[tuple]:
     """Engine events for one file -> tuples of output values, the explanation last.
 
-    On the analysis and on the final result every output is rendered (`render(result)` gives
-    the `n_outputs` values before the explanation); between them each text piece updates only
+    On the analysis and on the final result every output is rendered (`render(result, frames)`
+    gives the `n_outputs` values before the explanation; `frames` are the engine's own decoded
+    frames, so nothing decodes the upload a second time to draw); between them each text piece updates only
     the explanation. Closing this generator (the browser went away) closes the engine stream,
     which frees the request's slot. `request`: keywords for Engine.stream (e.g. aligned=True).
     """
@@ -98,9 +99,9 @@ def stream_outputs(path: str, render: Callable[[dict], tuple], n_outputs: int,
                 streamed += event["text"]
                 yield (*[gr.skip()] * n_outputs, streamed)
             elif event["event"] == "analysis":
-                yield (*render(event["result"]), "")
+                yield (*render(event["result"], event["frames"]), "")
             elif event["event"] == "done":
-                yield (*render(event["result"]), explanation_text(event["result"], streamed))
+                yield (*render(event["result"], event["frames"]), explanation_text(event["result"], streamed))
 
 
 def server_choices(label: str, **kwargs) -> gr.Dropdown:

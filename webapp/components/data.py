@@ -1,9 +1,14 @@
 """The Data tab (admin): import a dataset, generate Gemini instructions, export a snapshot.
-Each runs as a job (annotation/jobs.py) in its own process; the button waits for its result
-and the Jobs tab lists it, across a reload.
+Each runs as a job (annotation/jobs.py) in its own process: the button starts it and returns
+at once with its number, a gr.Timer follows its progress, and its summary is drawn from the
+job's stored result when it is done. A reload (or a restart) shows each section's latest job
+again, running or finished; the Jobs tab lists them all.
 
-Each action is also an API endpoint that takes the session token first, e.g.
+Each action is also an API endpoint that takes the session token first: the start_* ones return
+the job number (follow it with /job_status), the others wait for the job and answer with its
+result, e.g.
 
+    job = Client(url).predict(token, "rafdb", "/data/RAF-DB", "rafdb", api_name="/start_import_dataset")
     Client(url).predict(token, "rafdb", "/data/RAF-DB", "rafdb", api_name="/import_dataset")
 
 Imports read only paths inside the import folders (`EMO_IMPORT_ROOTS`; by default the data dir
@@ -18,14 +23,16 @@ import gradio as gr
 import pandas as pd
 
 from annotation.formats import FORMATS
-from annotation.import_roots import check_import_path
+from annotation.jobs import ACTIVE
 from core.errors import UserError
 from webapp.auth import require
 from webapp.components.common import handle_errors, server_choices
 from webapp.components.compare import NO_KEY_MESSAGE, gemini_configured
-from webapp.components.jobs import run_and_follow
+from webapp.components.jobs import (POLL_SECONDS, follow_state, import_job_args, job_line,
+                                    latest_job, run_and_follow)
 
 GEMINI_GROUP = "gemini-job"
+SECTIONS = ("import", "generate", "export")   # each follows its latest job of that kind
 
 
 def _counts_frame(counts: dict | None, key: str) -> pd.DataFrame:
@@ -33,29 +40,65 @@ def _counts_frame(counts: dict | None, key: str) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=[key, "samples"])
 
 
+def _generate_args(dataset: str | None, limit: float | None, model: str | None) -> dict:
+    if not dataset:
+        raise UserError("Choose a dataset.")
+    return {"dataset": dataset, "limit": int(limit) if limit else None,
+            "model": (model or "").strip() or None}
+
+
+def _export_args(dataset: str | None, include_suggestions: bool) -> dict:
+    if not dataset:
+        raise UserError("Choose a dataset to export.")
+    return {"dataset": dataset, "include_suggestions": bool(include_suggestions)}
+
+
+def _start(kind: str, args: dict) -> tuple[int, str]:
+    from annotation import jobs
+
+    job_id = jobs.start_job(kind, args)
+    return job_id, job_line(jobs.job_status(job_id), kind)
+
+
+@handle_errors
+def start_import(token: str | None, fmt: str, path: str, name: str, split: str | None = "auto",
+                 aligned: str | None = "auto"):
+    """/start_import_dataset: start an import job (admin); returns its number at once (and
+    the section's status line). Arguments as /import_dataset."""
+    require(token, "admin")
+    return (*_start("import", import_job_args(fmt, path, name, split, aligned)), "")
+
+
+@handle_errors
+def start_generate(token: str | None, dataset: str | None, limit: float | None, model: str):
+    """/start_generate_instructions: start a Gemini job over a dataset (admin); its number."""
+    require(token, "admin")
+    return (*_start("generate", _generate_args(dataset, limit, model)), "")
+
+
+@handle_errors
+def start_export(token: str | None, dataset: str | None, include_suggestions: bool):
+    """/start_export_snapshot: start an export job (admin); its number."""
+    require(token, "admin")
+    return (*_start("export", _export_args(dataset, include_suggestions)), "")
+
+
 @handle_errors
 def import_data(token: str | None, fmt: str, path: str, name: str, split: str | None = "auto",
                 aligned: str | None = "auto", progress: gr.Progress = gr.Progress()):
-    """/import_dataset: read a dataset folder on the server into the store (admin only).
+    """/import_dataset: read a dataset folder on the server into the store (admin only); waits
+    for the job and answers with its summary (the page's button uses /start_import_dataset).
 
     `split`: "auto" (as the layout says) or train/val/test; `aligned`: "auto" (the format's
     default), "yes" (face crops) or "no". Only paths inside the import folders.
     """
     require(token, "admin")
-    if not (path or "").strip():
-        raise UserError("Enter the dataset's folder (or CSV file) path on the server.")
-    if split not in (None, "", "auto", "train", "val", "test"):
-        raise UserError("Split must be auto, train, val or test.")
-    if aligned not in (None, "", "auto", "yes", "no"):
-        raise UserError("Face crops must be auto, yes or no.")
-    check_import_path(path.strip(), confined=True)   # refused at once, before any process
-    # An import job: its own process does the work (and goes on if the page reloads; the Jobs
-    # tab follows it); this handler mirrors its progress and shows its summary.
-    summary = run_and_follow("import", {"fmt": fmt, "path": path.strip(),
-                                        "name": (name or "").strip() or None,
-                                        "split": None if split in (None, "", "auto") else split,
-                                        "aligned": {"yes": True, "no": False}.get(aligned or "auto"),
-                                        "confined": True}, progress)
+    return import_outputs(run_and_follow("import", import_job_args(fmt, path, name, split, aligned),
+                                         progress))
+
+
+def import_outputs(summary: dict) -> tuple:
+    """The import's summary text and its by-label, by-split and broken tables."""
     broken = pd.DataFrame([(b["where"], b["reason"]) for b in summary["broken"]],
                           columns=["row or file", "reason"])
     lines = [f"**{html.escape(summary['dataset'])}** ({summary['format']}, {summary['modality']}): "
@@ -71,13 +114,10 @@ def import_data(token: str | None, fmt: str, path: str, name: str, split: str | 
 @handle_errors
 def generate(token: str | None, dataset: str | None, limit: float | None, model: str,
              progress: gr.Progress = gr.Progress()):
-    """/generate_instructions: a resumable Gemini job over a dataset, with live progress."""
+    """/generate_instructions: a resumable Gemini job over a dataset; waits for it and answers
+    with its summary (the page's button uses /start_generate_instructions)."""
     require(token, "admin")
-    if not dataset:
-        raise UserError("Choose a dataset.")
-    # A generate job (its own process; listed in the Jobs tab, goes on across a reload).
-    summary = run_and_follow("generate", {"dataset": dataset, "limit": int(limit) if limit else None,
-                                          "model": (model or "").strip() or None}, progress)
+    summary = run_and_follow("generate", _generate_args(dataset, limit, model), progress)
     return summary_text(summary), summary
 
 
@@ -130,18 +170,57 @@ def batch_jobs(token: str | None, dataset: str | None):
 
 @handle_errors
 def export(token: str | None, dataset: str | None, include_suggestions: bool) -> str:
-    """/export_snapshot: an immutable, content-hashed snapshot of the corrections (admin)."""
+    """/export_snapshot: an immutable, content-hashed snapshot of the corrections (admin);
+    waits for the job (the page's button uses /start_export_snapshot)."""
     require(token, "admin")
-    if not dataset:
-        raise UserError("Choose a dataset to export.")
-    snap = run_and_follow("export", {"dataset": dataset,
-                                     "include_suggestions": bool(include_suggestions)})
+    return export_text(run_and_follow("export", _export_args(dataset, include_suggestions)))
+
+
+def export_text(snap: dict) -> str:
     splits = ", ".join(f"{split} {n}" for split, n in snap["counts"].items())
     sources = ", ".join(f"{kind} {n}" for kind, n in snap["sources"].items() if n)
     reused = " The data had not changed: this is the existing snapshot." if snap["reused"] else ""
     return (f"Snapshot **#{snap['id']}** of {html.escape(snap['dataset'])}: {snap['n_samples']} "
             f"samples ({splits}; from {sources}), hash `{snap['content_hash'][:12]}`, folder "
             f"`{html.escape(str(snap['path']))}`.{reused} Train on it in the Fine-tune tab.")
+
+
+RENDER = {"import": import_outputs, "generate": lambda summary: (summary_text(summary), summary),
+          "export": lambda snap: (export_text(snap),)}
+N_OUTPUTS = {"import": 4, "generate": 2, "export": 1}   # result outputs per section
+
+
+def poll(token: str | None, import_job: int | None, generate_job: int | None,
+         export_job: int | None, seen: dict | None):
+    """The timer: each section's job line, and its summary once, when the job is done.
+
+    `seen` is {kind: [job, status]} as this page last showed them: a finished job already on
+    screen sends nothing (its summary stays); a job that just finished sends its summary, drawn
+    from the job's stored result (also after a reload: the result lives in the store)."""
+    try:
+        require(token, "admin")
+    except UserError:
+        return tuple(gr.skip() for _ in range(sum(N_OUTPUTS.values()) + len(SECTIONS) + 1))
+    seen = dict(seen or {})
+    out: list = []
+    for kind, job_id in zip(SECTIONS, (import_job, generate_job, export_job)):
+        status, now, fresh = follow_state(job_id, seen.get(kind))
+        if status is None or (now == seen.get(kind) and now[1] not in ACTIVE):
+            out += [gr.skip()] * (1 + N_OUTPUTS[kind])
+            continue
+        out.append(job_line(status, kind))
+        out += list(RENDER[kind](status["result"])) if fresh else [gr.skip()] * N_OUTPUTS[kind]
+        seen[kind] = now
+    return (*out, seen)
+
+
+def restore(token: str | None):
+    """On sign-in, load and tab opening: each section follows its latest job again."""
+    try:
+        require(token, "admin")
+    except UserError:
+        return tuple(gr.skip() for _ in range(len(SECTIONS) + 1))
+    return (*[latest_job(kind) for kind in SECTIONS], {})
 
 
 def create_data_tab(token: gr.BrowserState) -> dict:
@@ -155,12 +234,13 @@ def create_data_tab(token: gr.BrowserState) -> dict:
                         "app). Re-importing adds nothing twice; broken files are listed, never "
                         "fatal.")
             with gr.Row(equal_height=True):
-                fmt = gr.Dropdown(FORMATS, value="folder", label="Format", scale=1)
+                fmt = gr.Dropdown(list(FORMATS), value="folder", label="Format", scale=1)
                 path = gr.Textbox(label="Path on the server", scale=3,
-                                  placeholder="/data/RAF-DB/basic")
+                                  placeholder="/data/RAF-DB/basic", elem_id="data-import-path")
                 name = gr.Textbox(label="Dataset name", scale=1,
-                                  placeholder="default: the folder name")
-                run_import = gr.Button("Import", variant="primary", scale=0, min_width=110)
+                                  placeholder="default: the folder name", elem_id="data-import-name")
+                run_import = gr.Button("Import", variant="primary", scale=0, min_width=110,
+                                       elem_id="data-import")
             with gr.Row(equal_height=True):
                 split = gr.Dropdown([("as the layout says (default train)", "auto"), "train",
                                      "val", "test"], value="auto", label="Split", scale=1,
@@ -170,7 +250,8 @@ def create_data_tab(token: gr.BrowserState) -> dict:
                                        ("yes: every image is a face crop", "yes"), ("no", "no")],
                                       value="auto", label="Face crops", scale=1,
                                       info="fer2013, ferplus, RAF-DB aligned/: yes by default")
-            import_text = gr.Markdown()
+            import_job = gr.Markdown(elem_id="data-import-job")
+            import_text = gr.Markdown(elem_id="data-import-result")
             with gr.Row(equal_height=False):
                 by_label = gr.Dataframe(headers=["label", "samples"], label="By label",
                                         interactive=False)
@@ -190,7 +271,8 @@ def create_data_tab(token: gr.BrowserState) -> dict:
                 model = gr.Textbox(label="Gemini model", placeholder=os.environ.get(
                     "GEMINI_MODEL", "gemini-2.5-flash"))
                 run_gen = gr.Button("Generate", variant="primary", scale=0, min_width=110)
-            gen_text = gr.Markdown()
+            gen_job = gr.Markdown(elem_id="data-generate-job")
+            gen_text = gr.Markdown(elem_id="data-generate-result")
             gen_json = gr.JSON(label="Job summary", visible=False)
             with gr.Row(equal_height=True):
                 gr.Markdown("Whole datasets at half the price: `python app.py generate "
@@ -207,17 +289,40 @@ def create_data_tab(token: gr.BrowserState) -> dict:
                                                "record has no accepted correction")
                 run_export = gr.Button("Export", variant="primary", scale=0, min_width=110,
                                        elem_id="data-export")
+            export_job = gr.Markdown(elem_id="data-export-job")
             export_text = gr.Markdown(elem_id="data-export-result")
+    # The job each section follows (its latest, after a reload) and what the page last showed.
+    followed = {kind: gr.State(None) for kind in SECTIONS}
+    seen = gr.State(None)
+    timer = gr.Timer(POLL_SECONDS, active=False)
 
-    run_import.click(import_data, inputs=[token, fmt, path, name, split, aligned],
-                     outputs=[import_text, by_label, by_split, broken], api_name="import_dataset")
-    run_gen.click(generate, inputs=[token, gen_dataset, limit, model],
-                  outputs=[gen_text, gen_json], api_name="generate_instructions",
-                  concurrency_id=GEMINI_GROUP, concurrency_limit=1)
+    # The buttons start a job and return at once; the timer follows it.
+    run_import.click(start_import, inputs=[token, fmt, path, name, split, aligned],
+                     outputs=[followed["import"], import_job, import_text],
+                     api_name="start_import_dataset")
+    run_gen.click(start_generate, inputs=[token, gen_dataset, limit, model],
+                  outputs=[followed["generate"], gen_job, gen_text],
+                  api_name="start_generate_instructions")
+    run_export.click(start_export, inputs=[token, exp_dataset, with_suggestions],
+                     outputs=[followed["export"], export_job, export_text],
+                     api_name="start_export_snapshot")
+    timer.tick(poll, inputs=[token, *followed.values(), seen],
+               outputs=[import_job, import_text, by_label, by_split, broken, gen_job, gen_text,
+                        gen_json, export_job, export_text, seen],
+               show_progress="hidden", api_visibility="private")
     show_batches.click(batch_jobs, inputs=[token, gen_dataset],
                        outputs=[batch_text, batch_table, batch_json], api_name="batch_jobs")
-    run_export.click(export, inputs=[token, exp_dataset, with_suggestions], outputs=export_text,
-                     api_name="export_snapshot")
+    # For scripts: the same jobs, answering with their result (buttons no one sees).
+    hidden = {kind: gr.Button(visible=False) for kind in SECTIONS}
+    hidden["import"].click(import_data, inputs=[token, fmt, path, name, split, aligned],
+                           outputs=[import_text, by_label, by_split, broken], api_name="import_dataset")
+    hidden["generate"].click(generate, inputs=[token, gen_dataset, limit, model],
+                             outputs=[gen_text, gen_json], api_name="generate_instructions",
+                             concurrency_id=GEMINI_GROUP, concurrency_limit=1)
+    hidden["export"].click(export, inputs=[token, exp_dataset, with_suggestions],
+                           outputs=export_text, api_name="export_snapshot")
     return {"panel": panel,
+            "on_access": (restore, [*followed.values(), seen]),
             "gates": [(locked, "admin", "locked"), (panel, "admin", "content"),
+                      (timer, "admin", "timer"),
                       (gen_dataset, "admin", "datasets"), (exp_dataset, "admin", "datasets")]}

@@ -4,11 +4,16 @@ A job runs as a subprocess that appends JSONL events to its log (annotation/fine
 tab follows that log with a gr.Timer, so closing or reloading the page loses nothing: the job's
 state lives in the database and the log, and the page picks the latest job up again. A job that
 passes its evaluation gate publishes itself; the buttons here publish or roll back by hand.
+
+Evaluate and Compare versions start jobs too (kinds "evaluate" and "table", annotation/jobs.py):
+the button returns at once with the job's number, the timer follows it, and the report (or the
+table's Markdown) is drawn from the job's stored result when it is done, after a reload too.
+
+    Client(url).predict(token, ["prior-only", "v3"], ["rafdb"], "test", api_name="/start_compare_versions")
 """
 from __future__ import annotations
 
 import html
-import importlib.util
 import threading
 
 import gradio as gr
@@ -22,23 +27,16 @@ from webapp.components.render import mode_banner
 POLL_SECONDS = 2.0
 LOG_LINES = 40
 EVALUATE_GROUP = "evaluate"
-UNAVAILABLE = ("Fine-tuning is not available in this installation: the module "
-               "annotation/finetune.py is missing.")
 SERVING_DEFAULT = ("(the serving version)", "")
 # The embedded default (no checkpoint: the face prior network) can be measured like a version,
 # through the engine, but it is not one: it cannot be published or rolled back to.
 PRIOR_ONLY = "prior-only"
 PRIOR_ONLY_CHOICE = ("prior-only (the embedded default, no checkpoint)", PRIOR_ONLY)
 TERMINAL = ("succeeded", "failed", "cancelled")
-
-
-def available() -> bool:
-    return importlib.util.find_spec("annotation.finetune") is not None
+TERMINAL_JOB = ("done", "failed", "cancelled")   # annotation/jobs.py's ends
 
 
 def _finetune():
-    if not available():
-        raise UserError(UNAVAILABLE)
     import annotation.finetune as finetune
 
     return finetune
@@ -84,8 +82,6 @@ def _not_prior_only(version: str, action: str) -> None:
 
 
 def versions() -> list[dict]:
-    if not available():
-        return []
     from annotation.versions import list_versions
 
     return list_versions()
@@ -109,8 +105,6 @@ def versions_frame(rows: list[dict]) -> pd.DataFrame:
 
 
 def serving_text(rows: list[dict]) -> str:
-    if not available():
-        return UNAVAILABLE
     serving = next((v for v in rows if v.get("is_serving")), None)
     if serving is None:
         return ("No fine-tuned version is serving yet: the engine runs the model it started with "
@@ -171,7 +165,9 @@ def log_text(events: list[dict]) -> str:
 
 def _confusion(path: str | None):
     """The confusion-matrix PNG as pixels (the app serves no files from the reports folder)."""
-    if not path:
+    from pathlib import Path
+
+    if not path or not Path(path).is_file():   # a report whose picture was cleaned up since
         return None
     from PIL import Image
 
@@ -195,8 +191,6 @@ def start(token: str | None, snapshot: int | None, from_version: str | None, epo
 
 
 def job_choices() -> list[tuple[str, int]]:
-    if not available():
-        return []
     return [(f"job {job['id']} · {job['status']} · {job['created_at'][:16].replace('T', ' ')}",
              int(job["id"])) for job in _finetune().list_jobs()]
 
@@ -257,7 +251,7 @@ def refresh(token: str | None):
             gr.update(choices=snapshot_choices()),
             gr.update(choices=[SERVING_DEFAULT] + [(n, n) for n in names]),
             gr.update(choices=evaluation_choices(names), value=names[-1] if names else PRIOR_ONLY),
-            versions_frame(rows), serving_text(rows))
+            versions_frame(rows), serving_text(rows), gr.update(choices=evaluation_choices(names)))
 
 
 def refresh_quietly(token: str | None):
@@ -265,24 +259,112 @@ def refresh_quietly(token: str | None):
     try:
         require(token, "admin")
     except UserError:
-        return tuple(gr.skip() for _ in range(6))
+        return tuple(gr.skip() for _ in range(7))
     return refresh(token)
+
+
+def on_access(token: str | None):
+    """Sign-in, load, tab opening: the tables and choices, and the latest evaluation and
+    comparison followed again (a reload finds them running or shows their result)."""
+    return (*refresh_quietly(token), *restore_jobs(token))
+
+
+def _evaluate_args(version: str | None, dataset: str | None, split: str) -> dict:
+    if not version or not dataset:
+        raise UserError("Choose a version and a dataset to evaluate on.")
+    return {"version": version, "dataset": dataset, "split": split}
+
+
+@handle_errors
+def start_evaluate(token: str | None, version: str | None, dataset: str | None, split: str):
+    """/start_evaluate_version: start an evaluation job (admin); its number at once, and the
+    status line. The report appears when it is done (or ask /job_status)."""
+    require(token, "admin")
+    from annotation import jobs
+    from webapp.components.jobs import job_line
+
+    # A job process loads the model and scores; this process only follows its log (no second
+    # model beside the engine's), and the job stays listed in the Jobs tab across a reload.
+    job_id = jobs.start_job("evaluate", _evaluate_args(version, dataset, split))
+    return job_id, job_line(jobs.job_status(job_id), "evaluation")
+
+
+def _names(value, what: str) -> list[str]:
+    names = [str(x).strip() for x in ([value] if isinstance(value, str) else value or [])
+             if str(x).strip()]
+    if not names:
+        raise UserError(f"Choose at least one {what}.")
+    return names
+
+
+@handle_errors
+def start_compare(token: str | None, chosen: list[str] | None, datasets: list[str] | None,
+                  split: str):
+    """/start_compare_versions: the comparison table (UAR/WAR per dataset, best in bold) of
+    the chosen versions as a job (admin); its number at once. prior-only, version names,
+    checkpoint folders and zero-shot:ID specs all count as versions."""
+    require(token, "admin")
+    from annotation import jobs
+    from webapp.components.jobs import job_line
+
+    job_id = jobs.start_job("table", {"versions": _names(chosen, "version"),
+                                      "datasets": _names(datasets, "dataset"), "split": split})
+    return job_id, job_line(jobs.job_status(job_id), "comparison"), ""
+
+
+def poll_jobs(token: str | None, eval_job: int | None, table_job: int | None, seen: dict | None):
+    """The timer for the Evaluate and Compare jobs: their status lines, and their report or
+    table once, when done (drawn from the job's stored result); quiet for non-admins."""
+    from webapp.components.jobs import follow_state, job_line
+
+    try:
+        require(token, "admin")
+    except UserError:
+        return (gr.skip(),) * 8
+    seen, out = dict(seen or {}), []
+    for kind, job_id, n in (("evaluate", eval_job, 4), ("table", table_job, 1)):
+        status, now, fresh = follow_state(job_id, seen.get(kind))
+        if status is None or (now == seen.get(kind) and now[1] in TERMINAL_JOB):
+            out += [gr.skip()] * (1 + n)
+            continue
+        seen[kind] = now
+        out.append(job_line(status, "evaluation" if kind == "evaluate" else "comparison"))
+        if not fresh:
+            out += [gr.skip()] * n
+        elif kind == "evaluate":
+            out += list(evaluation_outputs(status["args"]["version"], status["args"]["dataset"],
+                                           status["args"].get("split", "test"), status["result"]))
+        else:
+            out.append(status["result"]["markdown"])
+    return (*out, seen)
+
+
+def restore_jobs(token: str | None):
+    """After a reload or sign-in: follow the latest evaluation and comparison again."""
+    try:
+        require(token, "admin")
+    except UserError:
+        return (gr.skip(),) * 3
+    from webapp.components.jobs import latest_job
+
+    return latest_job("evaluate"), latest_job("table"), {}
 
 
 @handle_errors
 def evaluate(token: str | None, version: str | None, dataset: str | None, split: str,
              progress=gr.Progress()):
-    """/evaluate_version: UAR, WAR, per-class recall and the confusion matrix (admin).
+    """/evaluate_version: UAR, WAR, per-class recall and the confusion matrix (admin); waits
+    for the job (the page's button uses /start_evaluate_version).
     `version` "prior-only" measures the embedded default (the prior network, no checkpoint)."""
     require(token, "admin")
-    if not version or not dataset:
-        raise UserError("Choose a version and a dataset to evaluate on.")
     from webapp.components.jobs import run_and_follow
 
-    # A job process loads the model and scores; this process only follows its log (no second
-    # model beside the engine's), and the job stays listed in the Jobs tab across a reload.
-    report = run_and_follow("evaluate", {"version": version, "dataset": dataset, "split": split},
-                            progress)
+    args = _evaluate_args(version, dataset, split)
+    return evaluation_outputs(version, dataset, split, run_and_follow("evaluate", args, progress))
+
+
+def evaluation_outputs(version: str, dataset: str, split: str, report: dict) -> tuple:
+    """The summary line, the per-class recall table, the confusion matrix, the versions table."""
     recall = pd.DataFrame([[label, "" if value is None else f"{value:.3f}"]
                            for label, value in report["per_class_recall"].items()],
                           columns=["class", "recall"])
@@ -346,8 +428,6 @@ def create_finetune_tab(token: gr.BrowserState, banner: gr.HTML) -> dict:
     locked = gr.Markdown("🔒 Sign in as an **admin** to fine-tune, evaluate and publish model "
                          "versions.", elem_classes=["emo-locked"])
     with gr.Column(visible=False, elem_id="finetune-panel") as panel:
-        if not available():
-            gr.Markdown(f"⚠️ {UNAVAILABLE}", elem_classes=["emo-notice"])
         serving = gr.Markdown(elem_id="finetune-serving")
         with gr.Row(equal_height=False):
             with gr.Column(scale=4):
@@ -386,10 +466,11 @@ def create_finetune_tab(token: gr.BrowserState, banner: gr.HTML) -> dict:
                 eval_dataset = server_choices("Dataset")
                 split = gr.Radio(["test", "val", "train"], value="test", label="Split")
             with gr.Row():
-                eval_btn = gr.Button("Evaluate")
+                eval_btn = gr.Button("Evaluate", elem_id="finetune-evaluate")
                 publish_btn = gr.Button("Publish (if the gate passes)", variant="primary")
                 rollback_btn = gr.Button("Roll back to this version")
-            eval_summary = gr.Markdown()
+            eval_line = gr.Markdown(elem_id="finetune-eval-job")
+            eval_summary = gr.Markdown(elem_id="finetune-eval-summary")
             with gr.Row(equal_height=False):
                 recall = gr.Dataframe(headers=["class", "recall"], label="Per-class recall",
                                       interactive=False)
@@ -397,8 +478,25 @@ def create_finetune_tab(token: gr.BrowserState, banner: gr.HTML) -> dict:
                                      height=340, elem_id="finetune-confusion")
             versions_table = gr.Dataframe(headers=VERSION_COLUMNS, label="Model versions",
                                           interactive=False, elem_id="finetune-versions")
+        with gr.Accordion("Compare versions", open=False):
+            gr.Markdown("The paper's kind of table: UAR / WAR per dataset, one row per version, "
+                        "the best of each column in bold. Type a checkpoint folder or "
+                        "`zero-shot:ID` to add it. Also `python app.py table`.")
+            with gr.Row(equal_height=True):
+                compare_versions = server_choices("Versions", multiselect=True,
+                                                  choices=[PRIOR_ONLY_CHOICE], value=[PRIOR_ONLY],
+                                                  elem_id="finetune-compare-versions")
+                compare_datasets = server_choices("Datasets", multiselect=True,
+                                                  elem_id="finetune-compare-datasets")
+                compare_split = gr.Radio(["test", "val", "train"], value="test", label="Split")
+                compare_btn = gr.Button("Compare versions", scale=0, min_width=160,
+                                        elem_id="finetune-compare")
+            table_line = gr.Markdown(elem_id="finetune-table-job")
+            table_md = gr.Markdown(elem_id="finetune-table")
     timer = gr.Timer(POLL_SECONDS, active=False)
     seen = gr.State(None)  # the [job, status] this page last showed
+    # The evaluation and comparison jobs this page follows, and what it last showed of them.
+    eval_job, table_job, jobs_seen = gr.State(None), gr.State(None), gr.State(None)
 
     private = {"api_visibility": "private"}
     start_btn.click(start, inputs=[token, snapshot, from_version, epochs, lr, replay],
@@ -409,16 +507,28 @@ def create_finetune_tab(token: gr.BrowserState, banner: gr.HTML) -> dict:
     timer.tick(**monitor, show_progress="hidden", **private)
     job.change(**monitor, **private)
     cancel_btn.click(cancel, inputs=[token, job], api_name="cancel_finetune")
-    refresh_outputs = [job, snapshot, from_version, version, versions_table, serving]
+    refresh_outputs = [job, snapshot, from_version, version, versions_table, serving,
+                       compare_versions]
     refresh_btn.click(refresh, inputs=token, outputs=refresh_outputs, **private)
-    eval_btn.click(evaluate, inputs=[token, version, eval_dataset, split],
-                   outputs=[eval_summary, recall, confusion, versions_table],
-                   api_name="evaluate_version", concurrency_id=EVALUATE_GROUP,
-                   concurrency_limit=1)
+    # Evaluate and Compare start jobs and return at once; the timer follows them.
+    eval_btn.click(start_evaluate, inputs=[token, version, eval_dataset, split],
+                   outputs=[eval_job, eval_line], api_name="start_evaluate_version")
+    compare_btn.click(start_compare, inputs=[token, compare_versions, compare_datasets, compare_split],
+                      outputs=[table_job, table_line, table_md], api_name="start_compare_versions")
+    timer.tick(poll_jobs, inputs=[token, eval_job, table_job, jobs_seen],
+               outputs=[eval_line, eval_summary, recall, confusion, versions_table, table_line,
+                        table_md, jobs_seen], show_progress="hidden", **private)
+    # For scripts: the evaluation answering with its report (a button no one sees).
+    evaluate_btn = gr.Button(visible=False)
+    evaluate_btn.click(evaluate, inputs=[token, version, eval_dataset, split],
+                       outputs=[eval_summary, recall, confusion, versions_table],
+                       api_name="evaluate_version", concurrency_id=EVALUATE_GROUP,
+                       concurrency_limit=1)
     publish_btn.click(publish, inputs=[token, version],
                       outputs=[versions_table, serving, banner], api_name="publish_version")
     rollback_btn.click(rollback, inputs=[token, version],
                        outputs=[versions_table, serving, banner], api_name="rollback_version")
-    return {"on_access": (refresh_quietly, refresh_outputs),
+    return {"on_access": (on_access, [*refresh_outputs, eval_job, table_job, jobs_seen]),
             "gates": [(locked, "admin", "locked"), (panel, "admin", "content"),
-                      (timer, "admin", "timer"), (eval_dataset, "admin", "datasets")]}
+                      (timer, "admin", "timer"), (eval_dataset, "admin", "datasets"),
+                      (compare_datasets, "admin", "datasets")]}

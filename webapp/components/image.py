@@ -77,18 +77,15 @@ def ensure_examples(folder: Path) -> list[str]:
 def predict_image(image: str | None, aligned: bool = False):
     """Run the engine on one image, streaming the explanation as it is generated. `aligned`:
     the photo is a face crop (no detection; the whole image is the face)."""
-    from core.media import VIDEO_EXTENSIONS, load_image  # the engine's decoding and EXIF turn
+    from core.media import VIDEO_EXTENSIONS
 
     path = require_file(image, "an image (upload, paste or webcam)")
     if Path(path).suffix.lower() in VIDEO_EXTENSIONS:  # the engine would read it as a clip
         raise MediaError(f"{Path(path).name}: this is a video: use the Video tab / predict_video")
-    limits = engine().config.limits  # the engine's scale-down too, so the boxes fit the picture
-    rgb = []  # decoded once, on the first result
 
-    def render(result: dict) -> tuple:
-        if not rgb:
-            rgb.append(load_image(path, limits))
-        return result, draw_faces(rgb[0], result.get("faces") or []), *result_values(result)
+    def render(result: dict, frames: list) -> tuple:
+        # The engine's own decoded (EXIF-turned, scaled-down) frame: the boxes refer to it.
+        return result, draw_faces(frames[0], result.get("faces") or []), *result_values(result)
 
     yield from stream_outputs(path, render, n_outputs=7, aligned=bool(aligned))
 

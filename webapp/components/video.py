@@ -140,6 +140,21 @@ def _write_h264(frames: Iterable[np.ndarray], rate: Fraction, target: Path) -> N
             container.mux(packet)
 
 
+def frame_times(media: dict, n_frames: int) -> list[float]:
+    """When each sampled frame is, in seconds, from the result's media info alone: the engine
+    samples `sample_indices(frame_count, n)` (core.media.load_video), so the same call gives
+    the indices back without decoding anything."""
+    from core.media import sample_indices
+
+    if media.get("timestamps_s"):
+        return list(media["timestamps_s"])
+    fps = media.get("fps") or 0.0
+    indices = sample_indices(int(media.get("frame_count") or 0), n_frames)
+    if not fps or len(indices) != n_frames:
+        return [0.0] * n_frames
+    return [i / fps for i in indices]
+
+
 def frame_strip(frames: list, timestamps: list[float], faces: list[dict]) -> list[tuple]:
     """(image with that frame's faces drawn, caption) for each sampled frame."""
     strip = []
@@ -155,19 +170,13 @@ def frame_strip(frames: list, timestamps: list[float], faces: list[dict]) -> lis
 @handle_errors
 def predict_video(video: str | None):
     """Run the engine on a clip: frames strip, faces per frame, label, streamed explanation."""
-    from core.media import load_video
-
     path = require_file(video, "a video (upload or record one)")
-    num_frames, limits = _engine_settings()
-    check_length(path, limits)
-    strip: list = []  # the engine's sampled frames, decoded again here to draw on
+    check_length(path, _engine_settings()[1])
 
-    def render(result: dict) -> tuple:
-        if not strip:
-            media = load_video(path, num_frames=num_frames, limits=limits)
-            strip.extend(frame_strip(media.frames, media.meta["timestamps_s"],
-                                     result.get("faces") or []))
-        return result, strip, *result_values(result)
+    def render(result: dict, frames: list) -> tuple:
+        # The engine's own sampled frames: the clip is decoded once, by the analysis.
+        return (result, frame_strip(frames, frame_times(result.get("media") or {}, len(frames)),
+                                    result.get("faces") or []), *result_values(result))
 
     yield from stream_outputs(path, render, n_outputs=7)
 
