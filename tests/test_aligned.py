@@ -15,6 +15,7 @@ import cv2
 import numpy as np
 import pytest
 
+from tests.cli_runner import run_commands
 from tests.media_files import face_photo, write_image
 from tests.model_fixtures import tiny_checkpoint  # noqa: F401  (fixture)
 
@@ -127,25 +128,28 @@ def test_predict_aligned_tiny_and_many_faces_through_the_cli(tmp_path):
     crop = write_image(tmp_path / "crop.png", fer_crop(48)[:, :, 0])   # greyscale PNG, as FER2013
     tiny = write_image(tmp_path / "tiny.png", fer_crop(19))
     crowd = write_image(tmp_path / "crowd.jpg", tiled_faces(30))
-    out = app("predict", str(crop), "--aligned", "--json")
+    runs = iter(run_commands([["predict", str(crop), "--aligned", "--json"], ["predict", str(tiny), "--json"],
+                              ["predict", str(tiny), "--aligned", "--json"], ["predict", str(crowd), "--json"]],
+                             dict(os.environ)))
+    out = next(runs)
     assert out.returncode == 0, out.stderr
     result = json.loads(out.stdout)
     assert result["media"]["aligned"] is True and result["faces_found"] == 1
     assert result["faces"][0]["box"] == [0.0, 0.0, 48.0, 48.0] and result["faces"][0]["score"] > 0.9
     assert result["label"] == "happiness" and "may not be a face" not in result["note"]
 
-    out = app("predict", str(tiny), "--json")
+    out = next(runs)
     assert out.returncode == 0 and "Traceback" not in out.stderr, out.stderr
     result = json.loads(out.stdout)
     assert result["label"] is None and result["faces"] == []
     assert result["note"].startswith("Too small to find a face (19×19; at least 20 px a side).")
 
-    out = app("predict", str(tiny), "--aligned", "--json")  # as a face crop it is upscaled
+    out = next(runs)  # the tiny image as a face crop: upscaled
     assert out.returncode == 0, out.stderr
     result = json.loads(out.stdout)
     assert result["label"] is not None and len(result["faces"]) == 1
 
-    out = app("predict", str(crowd), "--json")
+    out = next(runs)
     assert out.returncode == 0, out.stderr
     result = json.loads(out.stdout)
     assert len(result["faces"]) == 8 and result["faces_found"] == 30

@@ -13,11 +13,11 @@ import re
 import subprocess
 import sys
 import urllib.request
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
+from tests.cli_runner import run_commands
 from tests.media_files import (CORPUS_CODECS, bad_input_corpus, face_photo, has_encoder,
                                write_image)
 from tests.test_webapp_api import served_app
@@ -86,15 +86,21 @@ def _cli_env(tmp: Path) -> dict:
 
 @pytest.fixture(scope="module")
 def cli_runs(corpus, tmp_path_factory) -> dict[str, subprocess.CompletedProcess]:
-    """`python app.py predict FILE --json` for every file, two at a time (each loads the model)."""
-    env = _cli_env(tmp_path_factory.mktemp("cli"))
+    """`python app.py predict FILE --json` for every file of the corpus, in one interpreter
+    (tests/cli_runner.py; 18 processes took a minute); one file also runs as a real process,
+    in test_a_real_cli_process_exits_2_with_one_error_line."""
+    names = [name for name in EXPECTED if name in corpus]
+    runs = run_commands([["predict", str(corpus[name]), "--json"] for name in names],
+                        _cli_env(tmp_path_factory.mktemp("cli")))
+    return dict(zip(names, runs))
 
-    def run(name: str) -> tuple[str, subprocess.CompletedProcess]:
-        return name, subprocess.run([sys.executable, "app.py", "predict", str(corpus[name]), "--json"],
-                                    cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
 
-    with ThreadPoolExecutor(2) as pool:
-        return dict(pool.map(run, [n for n in EXPECTED if n in corpus]))
+def test_a_real_cli_process_exits_2_with_one_error_line(corpus, tmp_path):
+    run = subprocess.run([sys.executable, "app.py", "predict", str(corpus["empty"]), "--json"], cwd=REPO,
+                         env=_cli_env(tmp_path), capture_output=True, text=True, timeout=240)
+    assert run.returncode == 2 and run.stdout == ""
+    assert run.stderr.strip().splitlines()[-1].startswith("error: ") and "Traceback" not in run.stderr
+    assert re.search(EXPECTED["empty"], run.stderr)
 
 
 def _note(result: dict) -> str:

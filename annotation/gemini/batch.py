@@ -531,9 +531,9 @@ def run_batch(dataset: str, limit: int | None = None, model: str | None = None, 
         time.sleep(poll_s)
 
 
-def batch_status(dataset: str, model: str | None = None, *, url: str | None = None,
-                 client: GenAIClient | None = None, timeout_s: float = 120.0) -> dict:
-    """Poll the dataset's open batch once (ingesting it when done); else its newest batch."""
+def _open_batch_of(dataset: str, model: str | None, url: str | None, client: GenAIClient | None,
+                   timeout_s: float):
+    """(client, source, the dataset's open batch row detached from its session, or None)."""
     from db.session import init_db, session_scope
 
     api = _client(model, client, timeout_s)
@@ -541,7 +541,16 @@ def batch_status(dataset: str, model: str | None = None, *, url: str | None = No
     init_db(url)
     with session_scope(url) as session:
         row = _open_batch(session, _dataset_id(session, dataset), source)
-        batch_id = row.id if row is not None else None
+        if row is not None:
+            session.expunge(row)
+    return api, source, row
+
+
+def batch_status(dataset: str, model: str | None = None, *, url: str | None = None,
+                 client: GenAIClient | None = None, timeout_s: float = 120.0) -> dict:
+    """Poll the dataset's open batch once (ingesting it when done); else its newest batch."""
+    api, source, row = _open_batch_of(dataset, model, url, client, timeout_s)
+    batch_id = row.id if row is not None else None
     if batch_id is None:
         latest = [b for b in list_batches(dataset, url) if b["source"] == source]
         if not latest:
@@ -555,16 +564,10 @@ def batch_status(dataset: str, model: str | None = None, *, url: str | None = No
 def cancel_batch(dataset: str, model: str | None = None, *, url: str | None = None,
                  client: GenAIClient | None = None, timeout_s: float = 120.0) -> dict:
     """Cancel the dataset's open batch at Google; answers it already has are still ingested."""
-    from db.session import init_db, session_scope
-
-    api = _client(model, client, timeout_s)
-    source = f"gemini:{api.model}"
-    init_db(url)
-    with session_scope(url) as session:
-        row = _open_batch(session, _dataset_id(session, dataset), source)
-        if row is None:
-            raise UserError(f"{dataset} has no open Gemini batch to cancel")
-        batch_id, name, state, display_name = row.id, row.name, row.state, row.display_name
+    api, _, row = _open_batch_of(dataset, model, url, client, timeout_s)
+    if row is None:
+        raise UserError(f"{dataset} has no open Gemini batch to cancel")
+    batch_id, name, state, display_name = row.id, row.name, row.state, row.display_name
     if name is None and state == "SUBMITTING":
         job = api.find(display_name)  # a create that reached Google before a kill
         name = job.name if job is not None else None
