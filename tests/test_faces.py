@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from core.errors import ModelLoadError
-from core.faces import (ARCFACE_TEMPLATE, FaceConfig, FairFacePredictor, align_face,
-                        shared_analyzer, similarity_transform)
+from core.attributes import FairFacePredictor
+from core.faces import ARCFACE_TEMPLATE, FaceConfig, align_face, shared_analyzer, similarity_transform
 from tests.media_files import face_frames, face_photo, no_face_photo, write_image, write_video
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -9,6 +9,7 @@ Fine-tune and Jobs (admin); Users (own password for everyone signed in, user man
 """
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 import threading
@@ -19,7 +20,7 @@ import gradio as gr
 
 from core.errors import UserError
 from db.session import data_dir
-from webapp.components.common import engine, model_concurrency
+from webapp.components.common import Page, engine, model_concurrency
 
 log = logging.getLogger(__name__)
 
@@ -29,21 +30,28 @@ QUEUE_SIZE = 64                # waiting events beyond this get "the queue is fu
 DEFAULT_CONCURRENCY = 4        # events outside the model group (DB, Gemini, polling)
 
 
+# The tabs, in page order: (label, id, "module:create function"). A create function takes the
+# Page (webapp/components/common.py) and returns a dict that may hold "gates" (panels opened by
+# role) and "on_access" (fn, outputs) run on sign-in and when the tab is opened. A new tab is
+# its module under webapp/components/ plus one line here.
+TABS = [
+    ("Image", "image", "webapp.components.image:create_image_tab"),
+    ("Video", "video", "webapp.components.video:create_video_tab"),
+    ("Compare", "compare", "webapp.components.compare:create_compare_tab"),
+    ("Annotate", "annotate", "webapp.components.annotate:create_annotate_tab"),
+    ("Data", "data", "webapp.components.data:create_data_tab"),
+    ("Fine-tune", "finetune", "webapp.components.finetune:create_finetune_tab"),
+    ("Jobs", "jobs", "webapp.components.jobs:create_jobs_tab"),
+    ("Users", "users", "webapp.components.users:create_users_tab"),
+]
+
+
 def build_app() -> gr.Blocks:
     """The whole page. Creating it starts the shared engine (to size the model group)."""
-    from webapp.components.annotate import create_annotate_tab
-    from webapp.components.compare import create_compare_tab
-    from webapp.components.data import create_data_tab
-    from webapp.components.finetune import create_finetune_tab
-    from webapp.components.image import create_image_tab
-    from webapp.components.jobs import create_jobs_tab
     from webapp.components.login import (browser_state, create_login_bar, hf_oauth_enabled,
                                          hf_session)
     from webapp.components.status import create_status_panel, make_access_refresher
-    from webapp.components.users import create_users_tab
-    from webapp.components.video import create_video_tab
 
-    concurrency = model_concurrency()
     with gr.Blocks(title="EMO-LLaMA Studio", fill_width=True, analytics_enabled=False) as demo:
         token = browser_state()
         with gr.Row(elem_id="header"):
@@ -51,45 +59,33 @@ def build_app() -> gr.Blocks:
                     "<small>facial expressions, explained</small></div>")
         banner = gr.HTML(elem_id="mode-banner")
         login = create_login_bar(token)
+        page = Page(token=token, concurrency=model_concurrency(), banner=banner,
+                    examples_dir=data_dir() / "examples")
+        built = []  # (the gr.Tab, what its create function returned)
         with gr.Tabs(elem_id="main-tabs"):
-            with gr.Tab("Image", id="image"):
-                create_image_tab(data_dir() / "examples", concurrency)
-            with gr.Tab("Video", id="video"):
-                create_video_tab(concurrency)
-            with gr.Tab("Compare", id="compare") as compare_tab:
-                compare = create_compare_tab(token, concurrency)
-            with gr.Tab("Annotate", id="annotate"):
-                annotate = create_annotate_tab(token, concurrency)
-            with gr.Tab("Data", id="data") as data_tab:
-                data = create_data_tab(token)
-            with gr.Tab("Fine-tune", id="finetune") as finetune_tab:
-                finetune = create_finetune_tab(token, banner)
-            with gr.Tab("Jobs", id="jobs") as jobs_tab:
-                jobs = create_jobs_tab(token)
-            with gr.Tab("Users", id="users") as users_tab:
-                users = create_users_tab(token)
+            for label, tab_id, where in TABS:
+                module, _, create = where.partition(":")
+                with gr.Tab(label, id=tab_id) as tab:
+                    built.append((tab, getattr(importlib.import_module(module), create)(page)))
         status = create_status_panel(token)
 
         # Who is signed in decides which panels open; every handler checks again itself.
-        gates = [*login["gates"], *compare["gates"], *annotate["gates"], *data["gates"],
-                 *finetune["gates"], *jobs["gates"], *users["gates"], *status["gates"]]
+        gates = [*login["gates"], *(g for _, parts in built for g in parts.get("gates", [])),
+                 *status["gates"]]
         access = dict(fn=make_access_refresher(gates), inputs=token,
                       outputs=[login["status"], banner, *[g[0] for g in gates]],
                       api_visibility="private")
         if hf_oauth_enabled():  # a Hugging Face sign-in becomes a session token (then `access`)
             demo.load(hf_session, inputs=token, outputs=token, api_visibility="private")
-        # The Data, Fine-tune, Jobs and Users tabs fill in, for admins, on sign-in and when opened
-        # (the Data and Fine-tune tabs follow their latest jobs again).
+        # A tab with `on_access` fills in on sign-in and when opened (the Data and Fine-tune tabs
+        # follow their latest jobs again; Compare's Blind A/B button follows the serving model).
         on_load, on_change = demo.load(**access), token.change(**access)
-        # The Compare tab's Blind A/B button follows the serving model (a swap may change it).
-        for tab, (fill_fn, fill_outputs) in ((data_tab, data["on_access"]),
-                                             (finetune_tab, finetune["on_access"]),
-                                             (jobs_tab, jobs["on_access"]),
-                                             (users_tab, users["on_access"]),
-                                             (compare_tab, compare["on_access"])):
-            fill = dict(fn=fill_fn, inputs=token, outputs=fill_outputs, api_visibility="private")
-            on_load, on_change = on_load.then(**fill), on_change.then(**fill)
-            tab.select(**fill)
+        for tab, parts in built:
+            if "on_access" in parts:
+                fill_fn, fill_outputs = parts["on_access"]
+                fill = dict(fn=fill_fn, inputs=token, outputs=fill_outputs, api_visibility="private")
+                on_load, on_change = on_load.then(**fill), on_change.then(**fill)
+                tab.select(**fill)
     return demo
 
 

@@ -21,7 +21,7 @@ import pandas as pd
 
 from core.errors import UserError
 from webapp.auth import require
-from webapp.components.common import MODEL_GROUP, engine, handle_errors, server_choices
+from webapp.components.common import MODEL_GROUP, Page, engine, handle_errors, server_choices
 
 HISTORY_COLUMNS = ["when (UTC)", "who", "action", "label", "explanation / comment"]
 SUGGESTION_COLUMNS = ["source", "label", "explanation"]
@@ -272,7 +272,8 @@ def decide(token: str | None, response_id: float | None, version: float | None, 
 
 # ------------------------------------------------------------------------- layout
 
-def create_annotate_tab(token: gr.BrowserState, concurrency: int) -> dict:
+def create_annotate_tab(page: Page) -> dict:
+    token, concurrency = page.token, page.concurrency
     locked = gr.Markdown("🔒 Sign in as an **annotator** (or reviewer/admin) to correct "
                          "explanations.", elem_classes=["emo-locked"])
     with gr.Column(visible=False, elem_id="annotate-panel") as panel:

@@ -11,6 +11,8 @@ import html
 import inspect
 import logging
 import secrets
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import gradio as gr
@@ -22,6 +24,16 @@ log = logging.getLogger("webapp")
 # Every event that runs the model joins this group, so all tabs together never hold more
 # requests than the engine batches at once; other events (DB, Gemini) never wait on it.
 MODEL_GROUP = "model"
+
+
+@dataclass
+class Page:
+    """What every tab is built with (webapp/app.py TABS): the visitor's session token, the model
+    concurrency group's size, the page's model banner and where example files are written."""
+    token: Any            # gr.BrowserState holding the signed session token
+    concurrency: int      # events that may use the model at once
+    banner: Any           # gr.HTML: the "which model answers" strip, re-rendered after a swap
+    examples_dir: Path
 
 
 def _as_gradio_error(exc: BaseException) -> gr.Error:

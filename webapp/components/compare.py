@@ -19,7 +19,7 @@ import gradio as gr
 
 from core.errors import UserError
 from webapp.auth import identify, require
-from webapp.components.common import (MODEL_GROUP, engine, explanation_text, handle_errors,
+from webapp.components.common import (MODEL_GROUP, Page, engine, explanation_text, handle_errors,
                                       require_file, server_choices)
 from webapp.components.image import media_image
 
@@ -194,7 +194,8 @@ def answer_column(title: str, text_id: str | None = None,
     return boxes
 
 
-def create_compare_tab(token: gr.BrowserState, concurrency: int) -> dict:
+def create_compare_tab(page: Page) -> dict:
+    token, concurrency = page.token, page.concurrency
     notice = gr.Markdown(visible=not gemini_configured(), value=f"⚠️ {NO_KEY_MESSAGE}",
                          elem_classes=["emo-notice"])
     record = gr.State(None)

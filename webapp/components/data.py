@@ -26,7 +26,7 @@ from annotation.formats import FORMATS
 from annotation.jobs import ACTIVE
 from core.errors import UserError
 from webapp.auth import require
-from webapp.components.common import handle_errors, server_choices
+from webapp.components.common import Page, handle_errors, server_choices
 from webapp.components.compare import NO_KEY_MESSAGE, gemini_configured
 from webapp.components.jobs import (POLL_SECONDS, follow_state, import_job_args, job_line,
                                     latest_job, run_and_follow)
@@ -223,7 +223,8 @@ def restore(token: str | None):
     return (*[latest_job(kind) for kind in SECTIONS], {})
 
 
-def create_data_tab(token: gr.BrowserState) -> dict:
+def create_data_tab(page: Page) -> dict:
+    token = page.token
     locked = gr.Markdown("🔒 Sign in as an **admin** to import datasets, run Gemini and export "
                          "snapshots.", elem_classes=["emo-locked"])
     with gr.Column(visible=False, elem_id="data-panel") as panel:

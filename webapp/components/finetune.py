@@ -21,7 +21,7 @@ import pandas as pd
 
 from core.errors import UserError
 from webapp.auth import require
-from webapp.components.common import engine, handle_errors, server_choices
+from webapp.components.common import Page, engine, handle_errors, server_choices
 from webapp.components.render import mode_banner
 
 POLL_SECONDS = 2.0
@@ -423,8 +423,9 @@ def _serving_changed(message: str) -> tuple:
 
 # ------------------------------------------------------------------------- layout
 
-def create_finetune_tab(token: gr.BrowserState, banner: gr.HTML) -> dict:
+def create_finetune_tab(page: Page) -> dict:
     """The tab; `banner` is the page's model banner, which changes when a version is served."""
+    token, banner = page.token, page.banner
     locked = gr.Markdown("🔒 Sign in as an **admin** to fine-tune, evaluate and publish model "
                          "versions.", elem_classes=["emo-locked"])
     with gr.Column(visible=False, elem_id="finetune-panel") as panel:

@@ -18,7 +18,7 @@ import gradio as gr
 from PIL import Image, UnidentifiedImageError
 
 from core.errors import MediaError
-from webapp.components.common import (MODEL_GROUP, engine, handle_errors, require_file,
+from webapp.components.common import (MODEL_GROUP, Page, engine, handle_errors, require_file,
                                       stream_outputs)
 from webapp.components.render import draw_faces, prediction_panels, result_values
 
@@ -117,8 +117,9 @@ def predict_example(image: str):
             _example_answers[(version, Path(image).name)] = final
 
 
-def create_image_tab(examples_dir: Path, concurrency: int) -> None:
-    """Build the tab inside the current gr.Blocks (examples are written to `examples_dir`)."""
+def create_image_tab(page: Page) -> dict:
+    """Build the tab inside the current gr.Blocks (examples are written to `page.examples_dir`)."""
+    examples_dir, concurrency = page.examples_dir, page.concurrency
     with gr.Row(equal_height=False):
         with gr.Column(scale=5):
             image = media_image(sources=["upload", "clipboard", "webcam"],
@@ -153,3 +154,4 @@ def create_image_tab(examples_dir: Path, concurrency: int) -> None:
     examples.load_input_event.then(predict_example, inputs=image, outputs=outputs,
                                    api_visibility="private", concurrency_id=MODEL_GROUP,
                                    concurrency_limit=concurrency)
+    return {}

@@ -24,7 +24,7 @@ from annotation.formats import FORMATS
 from annotation.import_roots import check_import_path
 from core.errors import UserError
 from webapp.auth import require
-from webapp.components.common import handle_errors
+from webapp.components.common import Page, handle_errors
 
 POLL_SECONDS = 2.0
 JOB_COLUMNS = ["job", "kind", "status", "progress", "what", "result / error", "created"]
@@ -228,7 +228,8 @@ def poll(token: str | None, job_id: str | None):
     return jobs_frame(rows), f"{len(rows)} recent job(s), {running} running.", follow_text(followed)
 
 
-def create_jobs_tab(token: gr.BrowserState) -> dict:
+def create_jobs_tab(page: Page) -> dict:
+    token = page.token
     locked = gr.Markdown("🔒 Sign in as an **admin** to see and run jobs.", elem_classes=["emo-locked"])
     with gr.Column(visible=False, elem_id="jobs-panel") as panel:
         gr.Markdown("Long jobs run in their own processes: leave or reload the page, they go on. "

@@ -14,7 +14,7 @@ import pandas as pd
 from core.errors import UserError
 from db.models import ROLES
 from webapp.auth import issue_token, require
-from webapp.components.common import handle_errors
+from webapp.components.common import Page, handle_errors
 
 USER_COLUMNS = ["name", "role", "created (UTC)"]
 
@@ -99,7 +99,8 @@ def _password(label: str, elem_id: str | None = None) -> gr.Textbox:
     return gr.Textbox(label=label, type="password", max_lines=1, elem_id=elem_id)
 
 
-def create_users_tab(token: gr.BrowserState) -> dict:
+def create_users_tab(page: Page) -> dict:
+    token = page.token
     locked = gr.Markdown("🔒 Sign in to change your password; admins manage users here.",
                          elem_classes=["emo-locked"])
     with gr.Column(visible=False) as own:

@@ -23,7 +23,7 @@ import numpy as np
 from core.media import content_hash
 from core.errors import MediaError
 from db.session import data_dir
-from webapp.components.common import (MODEL_GROUP, engine, handle_errors, require_file,
+from webapp.components.common import (MODEL_GROUP, Page, engine, handle_errors, require_file,
                                       stream_outputs)
 from webapp.components.render import draw_faces, prediction_panels, result_values
 
@@ -196,7 +196,8 @@ def show_playable(video: str | None):
         return None, "The browser cannot play this file and it could not be converted."
 
 
-def create_video_tab(concurrency: int) -> None:
+def create_video_tab(page: Page) -> dict:
+    concurrency = page.concurrency
     with gr.Row(equal_height=False):
         with gr.Column(scale=5):
             video = gr.Video(sources=["upload", "webcam"], label="Video clip", height=320,
@@ -222,3 +223,4 @@ def create_video_tab(concurrency: int) -> None:
     video.upload(show_playable, inputs=video, outputs=[player, player_note],
                  api_visibility="private")
     clear.add([video, player, player_note, *outputs])
+    return {}
