@@ -201,22 +201,28 @@ class EmoLlama(nn.Module):
                              f"expects {self.config.prior_dim} (prior network {self.config.prior!r})")
         return embedding
 
-    def prepare_media(self, frames: list[np.ndarray], faces: list[list]) -> PreparedMedia:
-        """Frames (RGB uint8) + per-frame faces (core.faces.Face, largest first), through the
-        image processor once; pass the result to `prepare()` as its frames, once per question.
-
-        For a single image, `faces` may also be that image's list of faces.
-        """
+    def _main_faces(self, frames: list[np.ndarray], faces: list[list]) -> tuple[list, object]:
+        """The largest face of each frame that has one (a fixed face-token budget per request)
+        and the first attributes among them (None without AGR). For a single image `faces` may
+        be that image's list of faces."""
         if not frames:
             raise ValueError("prepare() needs at least one frame")
         if len(frames) == 1 and faces and hasattr(faces[0], "aligned"):
             faces = [faces]
         if len(faces) != len(frames):
             raise ValueError(f"prepare() got {len(frames)} frame(s) but faces for {len(faces)}")
-        # One face per frame (the largest) keeps the face-token budget fixed per request.
         main_faces = [fs[0] for fs in faces if fs]
         attributes = (next((f.attributes for f in main_faces if f.attributes is not None), None)
                       if self.config.use_agr else None)
+        return main_faces, attributes
+
+    def prepare_media(self, frames: list[np.ndarray], faces: list[list]) -> PreparedMedia:
+        """Frames (RGB uint8) + per-frame faces (core.faces.Face, largest first), through the
+        image processor once; pass the result to `prepare()` as its frames, once per question.
+
+        For a single image, `faces` may also be that image's list of faces.
+        """
+        main_faces, attributes = self._main_faces(frames, faces)
         face_pixels = landmarks = priors = None
         if main_faces and self.config.use_fim:
             face_pixels = self._pixels([f.aligned for f in main_faces])

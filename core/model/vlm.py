@@ -174,15 +174,7 @@ class VlmEmoLlama(EmoLlama):
 
     def prepare_media(self, frames: list[np.ndarray], faces: list[list]) -> VlmMedia:
         """Frames (RGB uint8) + per-frame faces, largest first; see EmoLlama.prepare_media."""
-        if not frames:
-            raise ValueError("prepare() needs at least one frame")
-        if len(frames) == 1 and faces and hasattr(faces[0], "aligned"):
-            faces = [faces]
-        if len(faces) != len(frames):
-            raise ValueError(f"prepare() got {len(frames)} frame(s) but faces for {len(faces)}")
-        main_faces = [fs[0] for fs in faces if fs]
-        attributes = (next((f.attributes for f in main_faces if f.attributes is not None), None)
-                      if self.config.use_agr else None)
+        main_faces, attributes = self._main_faces(frames, faces)
         face_inputs = landmarks = priors = None
         if main_faces and self.fim is not None:
             face_inputs = dict(self.image_processor(images=[[f.aligned for f in main_faces]], return_tensors="pt",
